@@ -1,0 +1,610 @@
+"""Vision-language backbones in plain PyTorch, loaded from the official safetensors under their official key names.
+
+Qwen2-VL / Qwen2.5-VL: a ViT over 14x14 patches (2-D RoPE, per-image or windowed attention), a 2x2 patch merger,
+and a Qwen2 decoder with multimodal RoPE (M-RoPE). Module and parameter names equal the checkpoint keys, so
+`model.state_dict()` is the file's key set (the tied head aside).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config: one flat dataclass, filled from the official config.json (flat 4.x layout or nested 5.x `text_config`)
+
+
+@dataclass
+class ModelConfig:
+    arch: str  # qwen2_vl | qwen2_5_vl
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: list  # frequency slots per (t, h, w) axis; sums to head_dim // 2
+    tie_word_embeddings: bool
+    image_token_id: int
+    vision_start_token_id: int
+    eos_token_ids: list  # end-of-turn ids that stop generation
+    pad_token_id: int
+    vit_hidden: int  # ViT width
+    vit_out: int  # merger output = LLM width
+    vit_depth: int
+    vit_heads: int
+    vit_intermediate: int
+    vit_act: str
+    vit_patch: int = 14
+    vit_temporal_patch: int = 2
+    vit_merge: int = 2
+    vit_window: int = 0  # Qwen2.5-VL: window side in pixels (112 = 4x4 merged tokens)
+    vit_fullatt_blocks: list = field(default_factory=list)  # Qwen2.5-VL: blocks with per-image attention
+
+
+def _need(d, key, where):
+    if key not in d:
+        raise KeyError(f"{where}: config.json has no '{key}'")
+    return d[key]
+
+
+def config_from_hf(d, where="config.json", generation_config=None):
+    """Reads an official Qwen2-VL / Qwen2.5-VL config.json (dict). Vision keys absent from the file take the
+    reference class defaults, as the official Qwen2-VL-2B config stores only a few of them."""
+    archs = d.get("architectures") or [""]
+    arch = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}.get(
+        archs[0], d.get("model_type"))
+    if arch not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"{where}: unsupported architecture {archs[0]!r} / model_type {d.get('model_type')!r}")
+    t = {**d, **d.get("text_config", {})}  # 5.x nests the decoder under text_config; 4.x keeps it flat
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    hidden, heads = _need(t, "hidden_size", where), _need(t, "num_attention_heads", where)
+    v = d.get("vision_config", {})
+    if arch == "qwen2_vl":
+        vit_hidden, vit_out = v.get("embed_dim", 1280), v.get("hidden_size", 1536)
+        vit_inter, act = vit_hidden * v.get("mlp_ratio", 4), v.get("hidden_act", "quick_gelu")
+    else:
+        vit_hidden, vit_out = v.get("hidden_size", 1280), v.get("out_hidden_size", hidden)
+        vit_inter, act = v.get("intermediate_size", 3420), v.get("hidden_act", "silu")
+    eos = (generation_config or {}).get("eos_token_id", t.get("eos_token_id"))
+    tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else d.get("text_config", {}).get(
+        "tie_word_embeddings", True)
+    return ModelConfig(
+        arch=arch, vocab_size=_need(t, "vocab_size", where), hidden_size=hidden,
+        intermediate_size=_need(t, "intermediate_size", where), num_layers=_need(t, "num_hidden_layers", where),
+        num_heads=heads, num_kv_heads=t.get("num_key_value_heads", heads), head_dim=t.get("head_dim") or hidden // heads,
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
+        mrope_section=list(_need(rope, "mrope_section", where + " rope_scaling")), tie_word_embeddings=bool(tie),
+        image_token_id=_need(t, "image_token_id", where), vision_start_token_id=_need(t, "vision_start_token_id", where),
+        eos_token_ids=eos if isinstance(eos, list) else [eos], pad_token_id=t.get("pad_token_id") or 0,
+        vit_hidden=vit_hidden, vit_out=vit_out, vit_depth=v.get("depth", 32), vit_heads=v.get("num_heads", 16),
+        vit_intermediate=vit_inter, vit_act=act, vit_patch=v.get("patch_size", v.get("spatial_patch_size", 14)),
+        vit_temporal_patch=v.get("temporal_patch_size", 2), vit_merge=v.get("spatial_merge_size", 2),
+        vit_window=v.get("window_size", 112) if arch == "qwen2_5_vl" else 0,
+        vit_fullatt_blocks=list(v.get("fullatt_block_indexes", [7, 15, 23, 31])) if arch == "qwen2_5_vl" else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# attention: the one function every model calls
+
+ATTN_IMPL = "sdpa"  # "sdpa" (fused kernels) or "math" (plain softmax; tests check the fused path against it)
+
+
+def attention(q, k, v, mask=None, causal=False):
+    """q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0. mask: bool, broadcastable to (B, H, T, S), True where a
+    query may attend; never combined with `causal` (one mask per call). Returns (B, H, T, D)."""
+    assert not (causal and mask is not None)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: query head i reads kv head i // (H / Hkv)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if ATTN_IMPL == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def segment_layout(seqlens, device):
+    """Packs variable-length segments (images, windows) of a flat sequence into a padded batch, so one fused
+    attention call serves them all. Returns gather index (n, L), validity (n, L) and a key mask or None."""
+    seqlens = [s for s in seqlens if s > 0]
+    L, starts = max(seqlens), [0]
+    for s in seqlens[:-1]:
+        starts.append(starts[-1] + s)
+    ar = torch.arange(L, device=device)
+    lens = torch.tensor(seqlens, device=device)
+    valid = ar[None] < lens[:, None]  # (n, L)
+    index = (torch.tensor(starts, device=device)[:, None] + ar[None]).clamp(max=sum(seqlens) - 1)
+    mask = None if all(s == L for s in seqlens) else valid[:, None, None, :]
+    return index, valid, mask
+
+
+def segment_attention(q, k, v, layout):
+    """q, k, v (N, H, D) of a packed sequence; attention within each segment of `layout` only. Returns (N, H, D)."""
+    index, valid, mask = layout
+    q, k, v = (x[index].transpose(1, 2) for x in (q, k, v))  # (n, H, L, D)
+    return attention(q, k, v, mask).transpose(1, 2)[valid]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # normalise in fp32, multiply the weight in the input dtype (as the reference does)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def inv_freq(dim, theta, device=None):  # always fp32: a bf16 inv_freq drifts the logits (internvl.md 6.4)
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+ACT = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu, "silu": F.silu}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL vision tower
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        p, tp = cfg.vit_patch, cfg.vit_temporal_patch
+        self.proj = nn.Conv3d(3, cfg.vit_hidden, kernel_size=(tp, p, p), stride=(tp, p, p), bias=False)
+
+    def forward(self, x):  # (N, 3*T*14*14) -> (N, C); the stride-equals-kernel conv is one matmul per patch
+        return F.linear(x.to(self.proj.weight.dtype), self.proj.weight.flatten(1))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.vit_heads
+        self.qkv = nn.Linear(cfg.vit_hidden, 3 * cfg.vit_hidden, bias=True)
+        self.proj = nn.Linear(cfg.vit_hidden, cfg.vit_hidden, bias=True)
+
+    def forward(self, x, cos, sin, layout):
+        N, C = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # each (N, H, D)
+        cos, sin = cos[:, None], sin[:, None]  # rotation in fp32, as the reference does
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
+        return self.proj(segment_attention(q, k, v, layout).reshape(N, C))
+
+
+class VisionMlp(nn.Module):  # Qwen2-VL: fc1 -> quick_gelu -> fc2
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.vit_hidden, cfg.vit_intermediate)
+        self.fc2 = nn.Linear(cfg.vit_intermediate, cfg.vit_hidden)
+        self.act = ACT[cfg.vit_act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionGatedMlp(nn.Module):  # Qwen2.5-VL: SiLU-gated, with biases
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.vit_hidden, cfg.vit_intermediate)
+        self.up_proj = nn.Linear(cfg.vit_hidden, cfg.vit_intermediate)
+        self.down_proj = nn.Linear(cfg.vit_intermediate, cfg.vit_hidden)
+        self.act = ACT[cfg.vit_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _vit_norm(cfg, dim):
+    return nn.LayerNorm(dim, eps=1e-6) if cfg.arch == "qwen2_vl" else RMSNorm(dim, 1e-6)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1, self.norm2 = _vit_norm(cfg, cfg.vit_hidden), _vit_norm(cfg, cfg.vit_hidden)
+        self.attn = VisionAttention(cfg)
+        self.mlp = VisionMlp(cfg) if cfg.arch == "qwen2_vl" else VisionGatedMlp(cfg)
+
+    def forward(self, x, cos, sin, layout):
+        x = x + self.attn(self.norm1(x), cos, sin, layout)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):  # 2x2 neighbouring patches (4 consecutive rows) -> one LLM token
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.vit_hidden * cfg.vit_merge ** 2
+        self.ln_q = _vit_norm(cfg, cfg.vit_hidden)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.vit_out))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
+
+
+def window_index(grid_thw, win, merge):
+    """Qwen2.5-VL windows: the merged-token grid of each image cut into win x win windows in raster order.
+    Returns the permutation of merged tokens that makes every window contiguous, and the window lengths."""
+    index, seqlens, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        lh, lw = h // merge, w // merge
+        g = torch.arange(t * lh * lw).view(t, lh, lw)
+        ph, pw = (-lh) % win, (-lw) % win
+        g = F.pad(g, (0, pw, 0, ph), value=-1)
+        g = g.view(t, (lh + ph) // win, win, (lw + pw) // win, win).permute(0, 1, 3, 2, 4).reshape(-1, win * win)
+        keep = g >= 0
+        index.append(g[keep] + offset)
+        seqlens += keep.sum(1).tolist()
+        offset += t * lh * lw
+    return torch.cat(index), seqlens
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_depth))
+        self.merger = PatchMerger(cfg)
+
+    def rotary(self, grid_thw, device):
+        """2-D RoPE angles per patch, (N, head_dim): [h * f, w * f] duplicated, rows in merge-block-major order."""
+        m, pos = self.cfg.vit_merge, []
+        for t, h, w in grid_thw.tolist():
+            hh = torch.arange(h, device=device)[:, None].expand(h, w)
+            ww = torch.arange(w, device=device)[None, :].expand(h, w)
+            hw = torch.stack([hh, ww], -1).view(h // m, m, w // m, m, 2).transpose(1, 2).reshape(-1, 2)
+            pos.append(hw.repeat(t, 1))
+        pos = torch.cat(pos).float()  # (N, 2)
+        f = inv_freq(self.cfg.vit_hidden // self.cfg.vit_heads // 2, 10000.0, device)
+        ang = (pos[:, :, None] * f).flatten(1)  # (N, head_dim / 2)
+        return torch.cat([ang, ang], -1)
+
+    def forward(self, pixel_values, grid_thw):
+        """pixel_values (N, 1176) patch rows, grid_thw (n_images, 3) in patches -> (N / 4, vit_out) LLM tokens."""
+        x = self.patch_embed(pixel_values)
+        ang = self.rotary(grid_thw, x.device)
+        frames = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()
+        full = segment_layout(frames, x.device)  # attention never crosses images (or frames)
+        unit, order = self.cfg.vit_merge ** 2, None
+        if self.cfg.vit_window:  # reorder merged tokens so each window is contiguous, attend within windows
+            order, seqlens = window_index(grid_thw, self.cfg.vit_window // self.cfg.vit_merge // self.cfg.vit_patch,
+                                          self.cfg.vit_merge)
+            order = order.to(x.device)
+            x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
+            ang = ang.view(-1, unit, ang.shape[-1])[order].flatten(0, 1)
+            windows = segment_layout([s * unit for s in seqlens], x.device)
+        cos, sin = ang.cos(), ang.sin()
+        for i, blk in enumerate(self.blocks):
+            use_full = not self.cfg.vit_window or i in self.cfg.vit_fullatt_blocks
+            x = blk(x, cos, sin, full if use_full else windows)
+        x = self.merger(x)
+        return x if order is None else x[torch.argsort(order)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Qwen2 decoder
+
+
+class KVCache:
+    """Static per-layer key/value buffers (B, Hkv, max_len, D); `length` tokens are filled."""
+
+    def __init__(self, num_layers, batch, num_kv_heads, max_len, head_dim, dtype, device):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+
+    def update(self, i, k, v):  # write the new positions of layer i, return all filled positions
+        end = self.length + k.shape[2]
+        self.k[i][:, :, self.length:end] = k
+        self.v[i][:, :, self.length:end] = v
+        return self.k[i][:, :, :end], self.v[i][:, :, :end]
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=True)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, causal, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        return self.o_proj(attention(q, k, v, mask, causal).transpose(1, 2).reshape(B, T, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Qwen2Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = Qwen2MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, causal, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, causal, cache=None):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, causal, cache, i)
+        return self.norm(x)
+
+
+def decoder_mask(key_valid, T, S):
+    """One mask per forward for causal attention of T new queries over S keys (S - T cached).
+    key_valid (B, S) bool or None (no padding). Returns (mask or None, causal flag)."""
+    if key_valid is None and T == S:
+        return None, True  # the fused kernels' own causal path
+    if key_valid is None and T == 1:
+        return None, False  # one new token sees every cached key
+    qpos = torch.arange(S - T, S, device=key_valid.device if key_valid is not None else None)
+    kpos = torch.arange(S, device=qpos.device)
+    mask = (kpos[None, :] <= qpos[:, None])[None, None]  # (1, 1, T, S)
+    if key_valid is not None:  # a padded query still sees itself, so no softmax row is empty
+        mask = (mask & key_valid[:, None, None, :]) | (kpos[None, :] == qpos[:, None])
+    return mask, False
+
+
+class Qwen2VL(nn.Module):
+    """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration: visual.*, model.*, lm_head."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg)
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope_index(self, input_ids, image_grid_thw=None, attention_mask=None):
+        """M-RoPE position ids (3, B, T) for (t, h, w), computed on the unpadded tokens of each sample: text runs
+        count up on all three axes; an image's tokens share t = p and take h = p + row, w = p + col over its merged
+        grid, after which p advances by max(rows, cols). Padded positions are 0. Also returns the next position
+        (B,) for cached decoding."""
+        B, T = input_ids.shape
+        m, img = self.cfg.vit_merge, self.cfg.image_token_id
+        pos = torch.zeros(3, B, T, dtype=torch.long)
+        nxt = torch.zeros(B, dtype=torch.long)
+        grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+        ids_all, valid_all = input_ids.cpu(), (attention_mask.cpu().bool() if attention_mask is not None else None)
+        for b in range(B):
+            keep = valid_all[b] if valid_all is not None else torch.ones(T, dtype=torch.bool)
+            ids = ids_all[b, keep]
+            out, p, i, n = torch.empty(3, len(ids), dtype=torch.long), 0, 0, len(ids)
+            starts = (ids == img).nonzero().flatten().tolist()
+            for s in starts:
+                if s < i:  # inside an image already placed
+                    continue
+                out[:, i:s] = torch.arange(p, p + s - i)
+                p += s - i
+                t, h, w = next(grids, (0, 0, 0))
+                if t != 1:
+                    raise ValueError(f"sample {b}: image tokens without a matching image_grid_thw row (t={t})")
+                hh, ww = h // m, w // m
+                i = s + hh * ww
+                if i > n or not bool((ids[s:i] == img).all()):
+                    raise ValueError(f"sample {b}: an image of {hh * ww} tokens does not fit the image-pad run at {s}")
+                out[0, s:i] = p
+                out[1, s:i] = p + torch.arange(hh).repeat_interleave(ww)
+                out[2, s:i] = p + torch.arange(ww).repeat(hh)
+                p += max(hh, ww)
+            out[:, i:] = torch.arange(p, p + n - i)
+            pos[:, b, keep] = out
+            nxt[b] = out.max() + 1 if n else 0
+        return pos.to(input_ids.device), nxt.to(input_ids.device)
+
+    def rope(self, position_ids, dtype):
+        """cos, sin (B, 1, T, head_dim): M-RoPE takes frequency slots [0, s0) from t, [s0, s0+s1) from h, the rest
+        from w. Angles in fp32, then cast to the activation dtype, as the reference does."""
+        f = inv_freq(self.cfg.head_dim, self.cfg.rope_theta, position_ids.device)
+        ang = position_ids.float()[..., None] * f  # (3, B, T, D/2)
+        axis = torch.repeat_interleave(torch.arange(3, device=f.device), torch.tensor(self.cfg.mrope_section,
+                                                                                     device=f.device))
+        ang = ang.gather(0, axis.expand(1, *ang.shape[1:-1], -1))[0]  # (B, T, D/2)
+        ang = torch.cat([ang, ang], -1)[:, None]
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def image_features(self, pixel_values, image_grid_thw):
+        return self.visual(pixel_values, image_grid_thw)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with each <|image_pad|> replaced by its image feature, in order."""
+        x = self.model.embed_tokens(input_ids)
+        sel = input_ids == self.cfg.image_token_id
+        n_tok = int(sel.sum())
+        if pixel_values is None:
+            if n_tok:
+                raise ValueError(f"{n_tok} image tokens in input_ids but no pixel_values")
+            return x
+        feats = self.image_features(pixel_values, image_grid_thw)
+        if n_tok != feats.shape[0]:
+            raise ValueError(f"image tokens and image features differ: {n_tok} tokens, {feats.shape[0]} features")
+        return x.masked_scatter(sel[..., None], feats.to(x.dtype))
+
+    def hidden(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
+               cache=None):
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        if position_ids is None:
+            position_ids, _ = self.rope_index(input_ids, image_grid_thw, attention_mask)
+        cos, sin = self.rope(position_ids, x.dtype)
+        T = input_ids.shape[1]
+        S = T + (cache.length if cache is not None else 0)
+        key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        mask, causal = decoder_mask(key_valid, T, S)
+        h = self.model(x, cos, sin, mask, causal, cache)
+        if cache is not None:
+            cache.length = S
+        return h
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        """Logits (B, T, vocab) in fp32."""
+        return self.lm_head(self.hidden(input_ids, attention_mask, pixel_values, image_grid_thw)).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
+                 eos_token_ids=None):
+        """Greedy decoding with a KV cache. Works with left or right padding. Returns (B, n) new tokens; a finished
+        sample continues with pad_token_id."""
+        B, T = input_ids.shape
+        eos = torch.tensor(eos_token_ids or self.cfg.eos_token_ids, device=input_ids.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        p = next(self.parameters())
+        cache = KVCache(self.cfg.num_layers, B, self.cfg.num_kv_heads, T + max_new_tokens, self.cfg.head_dim,
+                        p.dtype, p.device)
+        pos, nxt = self.rope_index(input_ids, image_grid_thw, mask)
+        h = self.hidden(input_ids, mask, pixel_values, image_grid_thw, pos, cache)
+        last = T - 1 - mask.flip(-1).argmax(-1)  # the last real token of each sample
+        tok = self.lm_head(h[torch.arange(B), last]).argmax(-1)
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            tok = torch.where(done, self.cfg.pad_token_id, tok)
+            out.append(tok)
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
+            h = self.hidden(tok[:, None], mask, position_ids=(nxt + step).view(1, B, 1).expand(3, B, 1),
+                            cache=cache)
+            tok = self.lm_head(h[:, -1]).argmax(-1)
+        return torch.stack(out, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading: official folders (sharded or not), both key layouts, every key checked
+
+
+def resolve(path):
+    """A local folder, or a hub id fetched (config, weights, tokenizer files) through huggingface_hub."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+
+
+def safetensors_files(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+    return [single]
+
+
+def qwen_key(k):  # newer transformers nest the modules: model.visual.* / model.language_model.* / lm_head
+    if k.startswith("model.visual."):
+        return k[len("model."):]
+    if k.startswith("model.language_model."):
+        return "model." + k[len("model.language_model."):]
+    return k
+
+
+def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu"):
+    """Fills every parameter of `model` from the folder's safetensors. Missing, unexpected or mis-shaped keys stop
+    the load with their names. A tied head takes the embedding; a stored head that differs from it is an error."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(model.cfg, "tie_word_embeddings", False)
+    head = "lm_head.weight"
+    seen, unexpected, wrong = set(), [], []
+    state = {}
+    for path in safetensors_files(folder):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = rename(key)
+                if name not in params:
+                    unexpected.append(key)
+                    continue
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(params[name].shape):
+                    wrong.append(f"{key}: file {tuple(t.shape)}, model {tuple(params[name].shape)}")
+                    continue
+                seen.add(name)
+                state[name] = t
+    expected = set(params) - ({head} if tied else set())
+    missing = sorted(expected - seen)
+    problems = []
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if keys:
+            problems.append(f"{what} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+    if problems:
+        raise ValueError(f"{folder}: checkpoint does not match the model: " + "; ".join(problems))
+    if tied and head in state:
+        emb = [n for n in state if n.endswith("embed_tokens.weight")][0]
+        if not torch.equal(state.pop(head), state[emb]):
+            raise ValueError(f"{folder}: tie_word_embeddings is true but {head} differs from {emb}; a merged head "
+                             "would be silently replaced by the embedding. Set tie_word_embeddings false.")
+    for name, t in state.items():
+        p = params[name]
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """Builds the model a checkpoint folder (or hub id) describes and loads its weights; dtype None keeps the
+    file's dtype."""
+    folder = resolve(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        d = json.load(f)
+    gen = os.path.join(folder, "generation_config.json")
+    gen = json.load(open(gen)) if os.path.exists(gen) else None
+    cfg = config_from_hf(d, os.path.join(folder, "config.json"), gen)
+    with torch.device("meta"):
+        model = Qwen2VL(cfg)
+    load_weights(model, folder, qwen_key, dtype, device)
+    model.folder = folder
+    return model.eval()
