@@ -1,0 +1,115 @@
+"""Parity checker for golden fixture folders (the format of ../shared/fixtures: config.json, model.safetensors,
+cases.safetensors, CASES.md).
+
+    python tests/parity.py FOLDER [FOLDER ...]
+
+Loads each folder exactly as a real checkpoint is loaded, runs every case in cases.safetensors, prints the max
+relative error (max |ours - expected| / max |expected|) per tensor and exits 1 if any exceeds 1e-4, a greedy token
+differs, or the folder holds a case that no check here understands (a case is never skipped silently).
+"""
+import os
+import re
+import sys
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import model  # noqa: E402
+
+TOL = 1e-4
+INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "greedy_prompt"}
+
+
+def rel_err(ours, ref, where=None):
+    ours, ref = ours.float(), ref.float()
+    if where is not None:
+        ours, ref = ours[where], ref[where]
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def vision_inputs(cases):
+    return {k: cases[k] for k in ("pixel_values", "image_grid_thw") if k in cases}
+
+
+def leading_images(m, cases, prompt):
+    """The vision inputs of the images that a single-sample prompt holds: the first images of the batch, as many
+    as the prompt has image tokens for."""
+    n_tok = int((prompt == m.cfg.image_token_id).sum())
+    grid = cases["image_grid_thw"]
+    per = (grid.prod(-1) // m.cfg.vit_merge ** 2).cumsum(0)
+    k = int((per <= n_tok).sum())
+    if n_tok and per[k - 1] != n_tok:
+        raise ValueError(f"greedy_prompt has {n_tok} image tokens, not a whole number of leading images")
+    rows = int(grid[:k].prod(-1).sum())
+    return dict(pixel_values=cases["pixel_values"][:rows], image_grid_thw=grid[:k]) if k else {}
+
+
+def pixel_settings(folder):
+    """min/max pixels the fixture's image processor used, as CASES.md states them."""
+    text = open(os.path.join(folder, "CASES.md")).read() if os.path.exists(os.path.join(folder, "CASES.md")) else ""
+    mn, mx = re.search(r"min_pixels=(\d+)", text), re.search(r"max_pixels=(\d+)", text)
+    return (int(mn.group(1)), int(mx.group(1))) if mn and mx else None
+
+
+def run(folder, log=print):
+    """Returns a list of (case, measured, ok)."""
+    cases = load_file(os.path.join(folder, "cases.safetensors"))
+    m = model.load_model(folder, dtype=torch.float32)
+    valid = cases["attention_mask"].bool() if "attention_mask" in cases else None
+    results, done = [], set(INPUTS)
+
+    def report(name, err, ok):
+        results.append((name, err, ok))
+        log(f"  {name:<24} {err if isinstance(err, str) else f'{err:.3e}'}  {'ok' if ok else 'FAIL'}")
+
+    with torch.no_grad():
+        raws = sorted((k for k in cases if k.startswith("raw_image_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+        done.update(raws)
+        px = pixel_settings(folder)
+        if raws and px and "pixel_values" in cases:  # preprocessing: raw RGB images -> patch rows
+            pv, grid = data.qwen_images([Image.fromarray(cases[k].numpy()) for k in raws], *px)
+            same_grid = torch.equal(grid, cases["image_grid_thw"])
+            err = rel_err(pv, cases["pixel_values"]) if same_grid else float("inf")
+            report("pixel_values", err, same_grid and err <= TOL)
+        if "logits" in cases:
+            logits = m(cases["input_ids"], cases.get("attention_mask"), **vision_inputs(cases))
+            err = rel_err(logits, cases["logits"], valid)
+            report("logits", err, err <= TOL)
+            done.add("logits")
+        for name in ("image_features", "vit_embeds"):
+            if name in cases:
+                err = rel_err(m.image_features(**vision_inputs(cases)), cases[name])
+                report(name, err, err <= TOL)
+                done.add(name)
+        if "greedy_tokens" in cases:  # the reference is argmax of full forwards: no stopping at eos
+            prompt, ref = cases["greedy_prompt"], cases["greedy_tokens"]
+            toks = m.generate(prompt, None, **leading_images(m, cases, prompt), max_new_tokens=ref.shape[1],
+                              eos_token_ids=[-1])
+            same = torch.equal(toks, ref)
+            report("greedy_tokens", "equal" if same else f"{toks.tolist()} != {ref.tolist()}", same)
+            done.add("greedy_tokens")
+    for name in sorted(set(cases) - done):
+        report(name, "no check for this case", False)
+    return results
+
+
+def main(folders):
+    failed = False
+    for folder in folders:
+        print(folder)
+        for impl in ("sdpa", "math"):  # the fused kernels and the plain path must both match
+            model.ATTN_IMPL = impl
+            print(f" attention: {impl}")
+            failed |= not all(ok for _, _, ok in run(folder))
+    model.ATTN_IMPL = "sdpa"
+    print("FAIL" if failed else "all cases within tolerance")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1:]))
