@@ -1,8 +1,11 @@
 """Vision-language backbones in plain PyTorch, loaded from the official safetensors under their official key names.
 
 Qwen2-VL / Qwen2.5-VL: a ViT over 14x14 patches (2-D RoPE, per-image or windowed attention), a 2x2 patch merger,
-and a Qwen2 decoder with multimodal RoPE (M-RoPE). Module and parameter names equal the checkpoint keys, so
-`model.state_dict()` is the file's key set (the tied head aside).
+and a Qwen2 decoder with multimodal RoPE (M-RoPE).
+InternVL2 / InternVL3: InternViT over 448-px tiles, pixel shuffle (2x2 space-to-depth), the `mlp1` projector, and
+an InternLM2 (InternVL2) or Qwen2 (InternVL3) decoder with 1-D RoPE.
+Module and parameter names equal the checkpoint keys, so `model.state_dict()` is the file's key set (the tied head
+aside).
 """
 import json
 import math
@@ -47,6 +50,20 @@ class ModelConfig:
     vit_merge: int = 2
     vit_window: int = 0  # Qwen2.5-VL: window side in pixels (112 = 4x4 merged tokens)
     vit_fullatt_blocks: list = field(default_factory=list)  # Qwen2.5-VL: blocks with per-image attention
+    llm_arch: str = "qwen2"  # qwen2 | internlm2
+    attention_bias: bool = True  # q/k/v biases (Qwen2 always; InternLM2's `bias` also covers wo)
+    max_position_embeddings: int = 32768
+    rope_dynamic: float = 0.0  # dynamic-NTK factor (0 = off), applied beyond max_position_embeddings
+    sliding_window: int = 0  # keys further back than this are masked (0 = off)
+    vit_image_size: int = 448  # InternViT tile side
+    vit_qkv_bias: bool = True
+    vit_norm_eps: float = 1e-6
+    vit_drop_path: float = 0.0  # stochastic depth, active in train mode only (MP-GUI trains with 0.1)
+    downsample_ratio: float = 0.5  # pixel shuffle: 2x2 patches -> 1 token
+    ps_version: str = "v2"
+    select_layer: int = -1
+    num_image_token: int = 256  # tokens per InternVL tile
+    template: str = ""
 
 
 def _need(d, key, where):
@@ -59,6 +76,8 @@ def config_from_hf(d, where="config.json", generation_config=None):
     """Reads an official Qwen2-VL / Qwen2.5-VL config.json (dict). Vision keys absent from the file take the
     reference class defaults, as the official Qwen2-VL-2B config stores only a few of them."""
     archs = d.get("architectures") or [""]
+    if archs[0] == "InternVLChatModel":
+        return internvl_config(d, where, generation_config)
     arch = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}.get(
         archs[0], d.get("model_type"))
     if arch not in ("qwen2_vl", "qwen2_5_vl"):
@@ -74,8 +93,8 @@ def config_from_hf(d, where="config.json", generation_config=None):
         vit_hidden, vit_out = v.get("hidden_size", 1280), v.get("out_hidden_size", hidden)
         vit_inter, act = v.get("intermediate_size", 3420), v.get("hidden_act", "silu")
     eos = (generation_config or {}).get("eos_token_id", t.get("eos_token_id"))
-    tie = d["tie_word_embeddings"] if "tie_word_embeddings" in d else d.get("text_config", {}).get(
-        "tie_word_embeddings", True)
+    ties = [c["tie_word_embeddings"] for c in (d, d.get("text_config", {})) if "tie_word_embeddings" in c]
+    tie = any(ties) if ties else True  # either level asks for it, as transformers reads it; old configs omit it
     return ModelConfig(
         arch=arch, vocab_size=_need(t, "vocab_size", where), hidden_size=hidden,
         intermediate_size=_need(t, "intermediate_size", where), num_layers=_need(t, "num_hidden_layers", where),
@@ -89,6 +108,60 @@ def config_from_hf(d, where="config.json", generation_config=None):
         vit_temporal_patch=v.get("temporal_patch_size", 2), vit_merge=v.get("spatial_merge_size", 2),
         vit_window=v.get("window_size", 112) if arch == "qwen2_5_vl" else 0,
         vit_fullatt_blocks=list(v.get("fullatt_block_indexes", [7, 15, 23, 31])) if arch == "qwen2_5_vl" else [])
+
+
+def internvl_config(d, where, generation_config=None):
+    """An official InternVLChatModel config.json: vision_config (InternViT) + llm_config (InternLM2 or Qwen2). The
+    special-token ids are not in it: they come from the tokenizer files (see `special_token_id`)."""
+    v, l = _need(d, "vision_config", where), _need(d, "llm_config", where)
+    llm = (l.get("architectures") or [""])[0]
+    if llm not in ("InternLM2ForCausalLM", "Qwen2ForCausalLM"):
+        raise ValueError(f"{where}: unsupported llm_config.architectures {llm!r}")
+    if v.get("qk_normalization") or v.get("norm_type", "layer_norm") != "layer_norm":
+        raise ValueError(f"{where}: InternViT-6B (rms_norm / qk_normalization) is not supported")
+    rope = l.get("rope_scaling") or {}
+    kind = rope.get("type") or rope.get("rope_type")
+    if kind not in (None, "default", "dynamic"):
+        raise ValueError(f"{where}: unsupported rope_scaling {rope}")
+    hidden, heads = _need(l, "hidden_size", where), _need(l, "num_attention_heads", where)
+    image, patch, ratio = d.get("force_image_size") or v["image_size"], v["patch_size"], d.get("downsample_ratio", 0.5)
+    eos = (generation_config or {}).get("eos_token_id", l.get("eos_token_id"))
+    return ModelConfig(
+        arch="internvl", llm_arch="internlm2" if llm == "InternLM2ForCausalLM" else "qwen2",
+        vocab_size=_need(l, "vocab_size", where), hidden_size=hidden, intermediate_size=_need(l, "intermediate_size",
+                                                                                            where),
+        num_layers=_need(l, "num_hidden_layers", where), num_heads=heads,
+        num_kv_heads=l.get("num_key_value_heads", heads), head_dim=l.get("head_dim") or hidden // heads,
+        rms_norm_eps=l.get("rms_norm_eps", 1e-6), rope_theta=l.get("rope_theta", 10000.0), mrope_section=[],
+        tie_word_embeddings=False,  # the official code forces an untied head for every size; never tie by default
+        image_token_id=None, vision_start_token_id=None, eos_token_ids=eos if isinstance(eos, list) else [eos],
+        pad_token_id=l.get("pad_token_id") or 0, attention_bias=l.get("bias", True) if llm != "Qwen2ForCausalLM"
+        else True, max_position_embeddings=l.get("max_position_embeddings", 32768),
+        # the official code runs Qwen2 under transformers 4.37.2, which ignores rope_scaling and always applies
+        # sliding_window (use_sliding_window notwithstanding); both matter only past 32k tokens on real checkpoints
+        rope_dynamic=float(rope.get("factor", 0.0)) if kind == "dynamic" and llm != "Qwen2ForCausalLM" else 0.0,
+        sliding_window=(l.get("sliding_window") or 0) if llm == "Qwen2ForCausalLM" else 0,
+        vit_hidden=v["hidden_size"], vit_out=hidden, vit_depth=v["num_hidden_layers"], vit_heads=v["num_attention_heads"],
+        vit_intermediate=v["intermediate_size"], vit_act=v.get("hidden_act", "gelu"), vit_patch=patch,
+        vit_image_size=image, vit_qkv_bias=v.get("qkv_bias", True), vit_norm_eps=v.get("layer_norm_eps", 1e-6),
+        vit_drop_path=v.get("drop_path_rate", 0.0), downsample_ratio=ratio, ps_version=d.get("ps_version", "v1"),
+        select_layer=d.get("select_layer", -1), num_image_token=int((image // patch) ** 2 * ratio ** 2),
+        template=d.get("template", ""))
+
+
+def special_token_id(folder, token):
+    """The id of an added token from the folder's tokenizer files (tokenizer.json, tokenizer_config.json or
+    added_tokens.json), or None. Read here so model.py needs no tokenizer library."""
+    def load(name):
+        path = os.path.join(folder, name)
+        return json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
+    for t in load("tokenizer.json").get("added_tokens", []):
+        if t["content"] == token:
+            return t["id"]
+    for i, t in load("tokenizer_config.json").get("added_tokens_decoder", {}).items():
+        if t["content"] == token:
+            return int(i)
+    return load("added_tokens.json").get(token)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,7 +377,99 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Qwen2 decoder
+# InternViT (InternVL2 / InternVL3 vision tower) + pixel shuffle + mlp1
+
+
+class InternVisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, self.side = cfg.vit_hidden, cfg.vit_image_size // cfg.vit_patch
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, C))
+        self.patch_embedding = nn.Conv2d(3, C, cfg.vit_patch, cfg.vit_patch)
+        self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.side ** 2, C))
+
+    def forward(self, pixel_values):  # (N, 3, S, S) -> (N, 1 + (S/14)^2, C)
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        N, C, h, w = x.shape
+        pos = self.position_embedding
+        grid = pos[:, 1:]
+        if (h, w) != (self.side, self.side):  # other tile sizes: bicubic resize of the grid in fp32, as the reference
+            grid = grid.float().reshape(1, self.side, self.side, C).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+            grid = grid.reshape(1, C, h * w).transpose(1, 2).to(pos.dtype)
+        x = torch.cat([self.class_embedding.expand(N, 1, C).to(x.dtype), x.flatten(2).transpose(1, 2)], 1)
+        return x + torch.cat([pos[:, :1], grid], 1).to(x.dtype)
+
+
+class InternAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.num_heads = cfg.vit_heads
+        self.qkv = nn.Linear(cfg.vit_hidden, 3 * cfg.vit_hidden, bias=cfg.vit_qkv_bias)
+        self.proj = nn.Linear(cfg.vit_hidden, cfg.vit_hidden)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, H, N, D)
+        return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def drop_path(x, p, training):  # stochastic depth: drop a sample's residual branch with probability p
+    if not training or p == 0.0:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class InternVisionEncoderLayer(nn.Module):
+    def __init__(self, cfg, drop):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.vit_hidden, eps=cfg.vit_norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.vit_hidden, eps=cfg.vit_norm_eps)
+        self.attn = InternAttention(cfg)
+        self.mlp = VisionMlp(cfg)  # fc1 -> exact GELU -> fc2
+        self.ls1, self.ls2 = nn.Parameter(torch.ones(cfg.vit_hidden)), nn.Parameter(torch.ones(cfg.vit_hidden))
+        self.drop = drop
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)) * self.ls1, self.drop, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)) * self.ls2, self.drop, self.training)
+
+
+class InternVisionEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        n = cfg.vit_depth  # per-layer rates rise linearly from 0 (plain floats: the model may be built on meta)
+        rates = [cfg.vit_drop_path * i / max(n - 1, 1) for i in range(n)]
+        self.layers = nn.ModuleList(InternVisionEncoderLayer(cfg, r) for r in rates)
+
+
+class InternVisionModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embeddings = InternVisionEmbeddings(cfg)
+        self.encoder = InternVisionEncoder(cfg)
+        sel = cfg.select_layer  # hidden state index: 0 = embeddings, -1 = last layer; there is no final norm
+        self.n_run = sel if sel >= 0 else cfg.vit_depth + 1 + sel
+
+    def forward(self, pixel_values):
+        x = self.embeddings(pixel_values)
+        for layer in self.encoder.layers[:self.n_run]:
+            x = layer(x)
+        return x
+
+
+def pixel_shuffle(x, version="v2"):
+    """(N, h, w, C) -> (N, h/2, w/2, 4C): each output token concatenates its 2x2 patches in the order top-left,
+    top-right, bottom-left, bottom-right (the official view/permute sequence, written as space-to-depth).
+    v1 leaves the token grid transposed."""
+    N, h, w, C = x.shape
+    x = x.reshape(N, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(N, h // 2, w // 2, 4 * C)
+    return x if version == "v2" else x.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decoders: Qwen2 (Qwen2-VL, Qwen2.5-VL, InternVL3) and InternLM2 (InternVL2)
 
 
 class KVCache:
@@ -323,6 +488,15 @@ class KVCache:
         return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
 
+def attend(q, k, v, cos, sin, mask, causal, cache, layer):
+    """Rotate q (B, H, T, D) and k (B, Hkv, T, D), extend the cache, attend; returns (B, T, H * D)."""
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    if cache is not None:
+        k, v = cache.update(layer, k, v)
+    B, _, T, _ = q.shape
+    return attention(q, k, v, mask, causal).transpose(1, 2).reshape(B, T, -1)
+
+
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -332,15 +506,12 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=True)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, causal, cache=None, layer=0):
+    def forward(self, x, *rest):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        return self.o_proj(attention(q, k, v, mask, causal).transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(attend(q, k, v, *rest))
 
 
 class Qwen2MLP(nn.Module):
@@ -362,8 +533,8 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen2MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, causal, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, layer)
+    def forward(self, x, *rest):
+        x = x + self.self_attn(self.input_layernorm(x), *rest)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -380,23 +551,215 @@ class Qwen2Model(nn.Module):
         return self.norm(x)
 
 
-def decoder_mask(key_valid, T, S):
-    """One mask per forward for causal attention of T new queries over S keys (S - T cached).
-    key_valid (B, S) bool or None (no padding). Returns (mask or None, causal flag)."""
-    if key_valid is None and T == S:
+class InternLM2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
+        self.wo = nn.Linear(self.h * self.d, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x, *rest):
+        B, T, _ = x.shape
+        g = self.h // self.hkv
+        qkv = self.wqkv(x).view(B, T, self.hkv, g + 2, self.d)  # rows blocked per kv group: [q_0 .. q_g-1, k, v]
+        q = qkv[..., :g, :].reshape(B, T, self.h, self.d).transpose(1, 2)  # query head kv * g + j reads kv head kv
+        k, v = qkv[..., g, :].transpose(1, 2), qkv[..., g + 1, :].transpose(1, 2)
+        return self.wo(attend(q, k, v, *rest))
+
+
+class InternLM2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class InternLM2DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = InternLM2Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = InternLM2MLP(cfg)
+
+    def forward(self, x, *rest):
+        x = x + self.attention(self.attention_norm(x), *rest)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class InternLM2Model(Qwen2Model):  # same loop; its own names
+    def __init__(self, cfg):
+        nn.Module.__init__(self)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(InternLM2DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def decoder_mask(key_valid, T, S, window=0, device=None):
+    """One mask per forward for causal attention of T new queries over S keys (S - T cached), optionally limited
+    to the last `window` keys. key_valid (B, S) bool or None (no padding). Returns (mask or None, causal flag)."""
+    window = window if window and S > window else 0
+    if key_valid is None and not window and T == S:
         return None, True  # the fused kernels' own causal path
-    if key_valid is None and T == 1:
+    if key_valid is None and not window and T == 1:
         return None, False  # one new token sees every cached key
-    qpos = torch.arange(S - T, S, device=key_valid.device if key_valid is not None else None)
-    kpos = torch.arange(S, device=qpos.device)
+    qpos = torch.arange(S - T, S, device=device)
+    kpos = torch.arange(S, device=device)
     mask = (kpos[None, :] <= qpos[:, None])[None, None]  # (1, 1, T, S)
+    if window:
+        mask = mask & (qpos[:, None] - kpos[None, :] < window)
     if key_valid is not None:  # a padded query still sees itself, so no softmax row is empty
         mask = (mask & key_valid[:, None, None, :]) | (kpos[None, :] == qpos[:, None])
     return mask, False
 
 
-class Qwen2VL(nn.Module):
-    """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration: visual.*, model.*, lm_head."""
+def rope(position_ids, cfg, dtype, seq_len):
+    """cos, sin (B, 1, T, head_dim). Position ids (B, T) give 1-D RoPE; (3, B, T) give M-RoPE, whose frequency
+    slots [0, s0) follow t, [s0, s0+s1) h and the rest w. Angles in fp32, cast to the activation dtype as the
+    reference does. Dynamic NTK (InternLM2) raises the base once the sequence (`seq_len` keys, padding included)
+    outgrows max_position_embeddings; below that it is plain RoPE."""
+    theta, D = cfg.rope_theta, cfg.head_dim
+    if cfg.rope_dynamic and seq_len > cfg.max_position_embeddings:
+        f = cfg.rope_dynamic
+        theta = theta * ((f * seq_len / cfg.max_position_embeddings) - (f - 1)) ** (D / (D - 2))
+    ang = position_ids.float()[..., None] * inv_freq(D, theta, position_ids.device)
+    if position_ids.dim() == 3:  # (3, B, T, D/2) -> (B, T, D/2)
+        sec = torch.tensor(cfg.mrope_section, device=ang.device)
+        axis = torch.repeat_interleave(torch.arange(3, device=ang.device), sec)
+        ang = ang.gather(0, axis.expand(1, *ang.shape[1:-1], -1))[0]
+    ang = torch.cat([ang, ang], -1)[:, None]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the vision-language models: one walk for every family (splice image features, positions, decoder, head)
+
+
+class VLM(nn.Module):
+    """Shared forward and greedy generation. A family supplies `embed` (token embeddings with image features
+    spliced in), `positions` (prefill position ids + each sample's next position), `decoder` and `head`."""
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, **vision):
+        if cache is not None and cache.length:  # a decode step: a generated image token is an ordinary token
+            x = self.decoder.get_submodule("tok_embeddings" if self.cfg.llm_arch == "internlm2" else "embed_tokens")(
+                input_ids)
+        else:
+            x = self.embed(input_ids, **vision)
+        if position_ids is None:
+            position_ids, _ = self.positions(input_ids, attention_mask, **vision)
+        T = input_ids.shape[1]
+        S = T + (cache.length if cache is not None else 0)
+        cos, sin = rope(position_ids, self.cfg, x.dtype, S)
+        key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        mask, causal = decoder_mask(key_valid, T, S, self.cfg.sliding_window, x.device)
+        h = self.decoder(x, cos, sin, mask, causal, cache)
+        if cache is not None:
+            cache.length = S
+        return h
+
+    def forward(self, input_ids, attention_mask=None, **vision):
+        """Logits (B, T, vocab) in fp32."""
+        return self.head(self.hidden(input_ids, attention_mask, **vision)).float()
+
+    def splice(self, x, input_ids, feats):
+        """Writes image features (n, C) over the image-context tokens of x (B, T, C), in order; counts must agree."""
+        sel = input_ids == self.cfg.image_token_id
+        n_tok = int(sel.sum())
+        n_feat = 0 if feats is None else feats.shape[0]
+        if n_tok != n_feat:
+            raise ValueError(f"image tokens and image features differ: {n_tok} tokens, {n_feat} features")
+        return x if feats is None else x.masked_scatter(sel[..., None], feats.to(x.dtype))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_ids=None, **vision):
+        """Greedy decoding with a static KV cache. Works with left or right padding. Returns (B, n) new tokens; a
+        finished sample continues with pad_token_id."""
+        B, T = input_ids.shape
+        eos = torch.tensor(eos_token_ids or self.cfg.eos_token_ids, device=input_ids.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        p = next(self.parameters())
+        cache = KVCache(self.cfg.num_layers, B, self.cfg.num_kv_heads, T + max_new_tokens, self.cfg.head_dim,
+                        p.dtype, p.device)
+        pos, nxt = self.positions(input_ids, mask, **vision)
+        h = self.hidden(input_ids, mask, pos, cache, **vision)
+        last = T - 1 - mask.flip(-1).argmax(-1)  # the last real token of each sample
+        tok = self.head(h[torch.arange(B), last]).argmax(-1)
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            tok = torch.where(done, self.cfg.pad_token_id, tok)
+            out.append(tok)
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
+            step_pos = (nxt + step).view(B, 1) if pos.dim() == 2 else (nxt + step).view(1, B, 1).expand(3, B, 1)
+            tok = self.head(self.hidden(tok[:, None], mask, step_pos, cache)[:, -1]).argmax(-1)
+        return torch.stack(out, 1)
+
+
+class InternLM2ForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.model = InternLM2Model(cfg)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+class InternVL(VLM):
+    """InternVLChatModel: vision_model.*, mlp1.*, language_model.* (InternLM2 or Qwen2). Image features of all
+    tiles, in order, replace the <IMG_CONTEXT> tokens; positions are 1-D over each sample's unpadded tokens."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = InternVisionModel(cfg)
+        d = cfg.vit_hidden * int(1 / cfg.downsample_ratio) ** 2
+        self.mlp1 = nn.Sequential(nn.LayerNorm(d, eps=1e-5), nn.Linear(d, cfg.hidden_size), nn.GELU(),
+                                  nn.Linear(cfg.hidden_size, cfg.hidden_size))
+        self.language_model = (InternLM2ForCausalLM if cfg.llm_arch == "internlm2" else Qwen2ForCausalLM)(cfg)
+
+    decoder = property(lambda self: self.language_model.model)
+    head = property(lambda self: getattr(self.language_model, "output", None) or self.language_model.lm_head)
+
+    def visual_clues(self, pixel_values):
+        """Pixel-shuffled ViT features before mlp1, (tiles, num_image_token, 4 * vit_hidden)."""
+        x = self.vision_model(pixel_values)[:, 1:]  # drop CLS
+        n, hw, C = x.shape
+        side = int(hw ** 0.5)
+        return pixel_shuffle(x.reshape(n, side, side, C), self.cfg.ps_version).reshape(n, -1, 4 * C)
+
+    def image_features(self, pixel_values):
+        return self.mlp1(self.visual_clues(pixel_values))  # (tiles, num_image_token, hidden)
+
+    def embed(self, input_ids, pixel_values=None):
+        tokens = self.decoder.tok_embeddings if self.cfg.llm_arch == "internlm2" else self.decoder.embed_tokens
+        if pixel_values is not None and self.cfg.image_token_id is None:
+            raise ValueError("image_token_id (<IMG_CONTEXT>) is unknown: no tokenizer files in the checkpoint folder; "
+                             "pass image_token_id to load_model")
+        feats = None if pixel_values is None else self.image_features(pixel_values).flatten(0, 1)
+        return self.splice(tokens(input_ids), input_ids, feats)
+
+    def positions(self, input_ids, attention_mask=None, **vision):
+        if attention_mask is None:
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        else:  # padding-aware: left and right padding give each sample the same positions
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos, pos.amax(-1) + 1
+
+
+class Qwen2VL(VLM):
+    """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration: visual.*, model.*, lm_head. Image
+    features replace the <|image_pad|> tokens; positions are M-RoPE (t, h, w)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -406,6 +769,19 @@ class Qwen2VL(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    decoder = property(lambda self: self.model)
+    head = property(lambda self: self.lm_head)
+
+    def image_features(self, pixel_values, image_grid_thw):
+        return self.visual(pixel_values, image_grid_thw)  # (n_image_tokens, hidden)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        feats = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
+        return self.splice(self.model.embed_tokens(input_ids), input_ids, feats)
+
+    def positions(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        return self.rope_index(input_ids, image_grid_thw, attention_mask)
 
     def rope_index(self, input_ids, image_grid_thw=None, attention_mask=None):
         """M-RoPE position ids (3, B, T) for (t, h, w), computed on the unpadded tokens of each sample: text runs
@@ -443,81 +819,6 @@ class Qwen2VL(nn.Module):
             pos[:, b, keep] = out
             nxt[b] = out.max() + 1 if n else 0
         return pos.to(input_ids.device), nxt.to(input_ids.device)
-
-    def rope(self, position_ids, dtype):
-        """cos, sin (B, 1, T, head_dim): M-RoPE takes frequency slots [0, s0) from t, [s0, s0+s1) from h, the rest
-        from w. Angles in fp32, then cast to the activation dtype, as the reference does."""
-        f = inv_freq(self.cfg.head_dim, self.cfg.rope_theta, position_ids.device)
-        ang = position_ids.float()[..., None] * f  # (3, B, T, D/2)
-        axis = torch.repeat_interleave(torch.arange(3, device=f.device), torch.tensor(self.cfg.mrope_section,
-                                                                                     device=f.device))
-        ang = ang.gather(0, axis.expand(1, *ang.shape[1:-1], -1))[0]  # (B, T, D/2)
-        ang = torch.cat([ang, ang], -1)[:, None]
-        return ang.cos().to(dtype), ang.sin().to(dtype)
-
-    def image_features(self, pixel_values, image_grid_thw):
-        return self.visual(pixel_values, image_grid_thw)
-
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """Token embeddings with each <|image_pad|> replaced by its image feature, in order."""
-        x = self.model.embed_tokens(input_ids)
-        sel = input_ids == self.cfg.image_token_id
-        n_tok = int(sel.sum())
-        if pixel_values is None:
-            if n_tok:
-                raise ValueError(f"{n_tok} image tokens in input_ids but no pixel_values")
-            return x
-        feats = self.image_features(pixel_values, image_grid_thw)
-        if n_tok != feats.shape[0]:
-            raise ValueError(f"image tokens and image features differ: {n_tok} tokens, {feats.shape[0]} features")
-        return x.masked_scatter(sel[..., None], feats.to(x.dtype))
-
-    def hidden(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-               cache=None):
-        x = self.embed(input_ids, pixel_values, image_grid_thw)
-        if position_ids is None:
-            position_ids, _ = self.rope_index(input_ids, image_grid_thw, attention_mask)
-        cos, sin = self.rope(position_ids, x.dtype)
-        T = input_ids.shape[1]
-        S = T + (cache.length if cache is not None else 0)
-        key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        mask, causal = decoder_mask(key_valid, T, S)
-        h = self.model(x, cos, sin, mask, causal, cache)
-        if cache is not None:
-            cache.length = S
-        return h
-
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
-        """Logits (B, T, vocab) in fp32."""
-        return self.lm_head(self.hidden(input_ids, attention_mask, pixel_values, image_grid_thw)).float()
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=32,
-                 eos_token_ids=None):
-        """Greedy decoding with a KV cache. Works with left or right padding. Returns (B, n) new tokens; a finished
-        sample continues with pad_token_id."""
-        B, T = input_ids.shape
-        eos = torch.tensor(eos_token_ids or self.cfg.eos_token_ids, device=input_ids.device)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        p = next(self.parameters())
-        cache = KVCache(self.cfg.num_layers, B, self.cfg.num_kv_heads, T + max_new_tokens, self.cfg.head_dim,
-                        p.dtype, p.device)
-        pos, nxt = self.rope_index(input_ids, image_grid_thw, mask)
-        h = self.hidden(input_ids, mask, pixel_values, image_grid_thw, pos, cache)
-        last = T - 1 - mask.flip(-1).argmax(-1)  # the last real token of each sample
-        tok = self.lm_head(h[torch.arange(B), last]).argmax(-1)
-        out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            tok = torch.where(done, self.cfg.pad_token_id, tok)
-            out.append(tok)
-            done = done | torch.isin(tok, eos)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
-            h = self.hidden(tok[:, None], mask, position_ids=(nxt + step).view(1, B, 1).expand(3, B, 1),
-                            cache=cache)
-            tok = self.lm_head(h[:, -1]).argmax(-1)
-        return torch.stack(out, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -590,21 +891,26 @@ def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu"):
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.model.embed_tokens.weight  # meta-built ties are lost by assign=True
     return model
 
 
-def load_model(path, dtype=None, device="cpu"):
+def load_model(path, dtype=None, device="cpu", image_token_id=None):
     """Builds the model a checkpoint folder (or hub id) describes and loads its weights; dtype None keeps the
-    file's dtype."""
+    file's dtype. InternVL reads <IMG_CONTEXT>'s id from the tokenizer files unless `image_token_id` is given."""
     folder = resolve(path)
     with open(os.path.join(folder, "config.json")) as f:
         d = json.load(f)
     gen = os.path.join(folder, "generation_config.json")
     gen = json.load(open(gen)) if os.path.exists(gen) else None
     cfg = config_from_hf(d, os.path.join(folder, "config.json"), gen)
+    if cfg.arch == "internvl":  # special ids live in the tokenizer files, not in config.json
+        cfg.image_token_id = image_token_id if image_token_id is not None else special_token_id(folder,
+                                                                                                 "<IMG_CONTEXT>")
+        end = special_token_id(folder, "<|im_end|>")
+        cfg.eos_token_ids = [end] if end is not None else cfg.eos_token_ids
     with torch.device("meta"):
-        model = Qwen2VL(cfg)
-    load_weights(model, folder, qwen_key, dtype, device)
+        model = (InternVL if cfg.arch == "internvl" else Qwen2VL)(cfg)
+    load_weights(model, folder, qwen_key if cfg.arch != "internvl" else lambda k: k, dtype, device)
     model.folder = folder
     return model.eval()
