@@ -74,8 +74,11 @@ def qwen_images(images, min_pixels, max_pixels):
 
 def load_tokenizer(path):
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file) and os.path.isfile(os.path.join(path, "tokenizer.model")):
+        return load_spm_folder(path)  # InternLM2 ships SentencePiece only: converted at the end of this file
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no tokenizer.json found in {os.path.dirname(file) or '.'} (looked for {file})")
+        where = os.path.dirname(file) or "."
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model found in {where} (looked for {file})")
     return Tokenizer.from_file(file)
 
 
@@ -114,3 +117,229 @@ def encode_qwen(tokenizer, messages, images, min_pixels, max_pixels, system="You
     if n_pads != n_image_tokens:  # a tokenizer that splits or merges pads would misplace image features
         raise ValueError(f"tokenized {n_pads} image pads, expected {n_image_tokens}")
     return dict(input_ids=ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+
+
+# -----------------------------------------------------------------------------
+# InternVL2 / InternVL3: tiles, templates, labels
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IM_END = "<|im_end|>"
+IGNORE_INDEX = -100
+TEMPLATES = {
+    # InternVL2-8B, MP-GUI: the whole prompt is tokenized once, BOS added; turn values are stripped
+    "internlm2-chat": dict(
+        system_template="<|im_start|>system\n{system_message}",
+        system_message="你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。",
+        roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>", bos="<s>", strip=True),
+    # InternVL2.5 / 3, Vlaser: each turn is tokenized on its own, no BOS; upstream keeps values as given
+    "internvl2_5": dict(
+        system_template="<|im_start|>system\n{system_message}",
+        system_message="你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
+        roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>\n", bos=None, strip=False),
+}
+
+
+def internvl_grid(width, height, min_num=1, max_num=12, image_size=448):
+    # (cols, rows) of the tile grid whose aspect ratio is closest to the image's
+    # the candidates are built and sorted exactly as upstream: ties in area keep CPython's set order
+    ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                 if min_num <= i * j <= max_num)
+    best, best_diff = (1, 1), float("inf")
+    for i, j in sorted(ratios, key=lambda r: r[0] * r[1]):
+        diff = abs(width / height - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and width * height > 0.5 * image_size * image_size * i * j:
+            best = (i, j)  # equally close: a bigger grid wins only if the image has the pixels for it
+    return best
+
+
+def dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
+    cols, rows = internvl_grid(image.width, image.height, min_num, max_num, image_size)
+    s = image_size
+    resized = image.resize((s * cols, s * rows))  # PIL's default filter, as upstream (BICUBIC for RGB)
+    tiles = [resized.crop(((k % cols) * s, (k // cols) * s, (k % cols + 1) * s, (k // cols + 1) * s))
+             for k in range(cols * rows)]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((s, s)))  # the global view, last
+    return tiles
+
+
+def internvl_tiles(image, max_num=12, image_size=448, use_thumbnail=True):
+    tiles = dynamic_preprocess(image.convert("RGB"), 1, max_num, image_size, use_thumbnail)
+    # upstream's per-tile Resize((S, S), BICUBIC) is a copy here: every tile is already S x S
+    x = np.stack([np.asarray(t.resize((image_size, image_size), Image.BICUBIC)) for t in tiles])  # (n, S, S, 3)
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255)  # ToTensor, float32
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std  # Normalize, in float32 like torchvision
+
+
+def _internvl_segments(conversations, template, system=None, num_images=0):
+    # the prompt as (text, is_answer) pieces that concatenate to it; the pieces are upstream's per-turn strings
+    t = TEMPLATES[template]
+    turns = list(conversations)
+    if turns and turns[0]["from"] == "system":
+        system, turns = turns[0]["value"], turns[1:]
+    system = t["system_message"] if system is None else system
+    segs = [(t["system_template"].format(system_message=system) + t["sep"], False)]
+    for k, turn in enumerate(turns):
+        if turn["from"] != ("human", "gpt")[k % 2]:
+            raise ValueError(f"turn {k} is from {turn['from']!r}: expected human/gpt turns, human first")
+        value = turn["value"]
+        if k == 0 and num_images and "<image>" not in value:
+            value = "<image>\n" + value  # upstream puts the image before the first question
+        value = value.strip() if t["strip"] else value
+        segs.append((t["roles"][k % 2] + value + t["sep"], k % 2 == 1))
+    if len(turns) % 2 == 1:
+        segs.append((t["roles"][1], False))  # generation prompt: the assistant header, nothing after it
+    return segs
+
+
+def render_internvl(conversations, template, system=None, num_images=0):
+    return "".join(text for text, _ in _internvl_segments(conversations, template, system, num_images))
+
+
+def expand_internvl_images(text, tiles_per_image, num_image_token, extra_token=None):
+    # each placeholder -> <img> + one context token per image feature of each tile (+ MP-GUI's extra run) + </img>
+    parts = text.split("<image>")
+    if len(parts) - 1 != len(tiles_per_image):
+        raise ValueError(f"text has {len(parts) - 1} <image> placeholders but {len(tiles_per_image)} images were given")
+    out = [parts[0]]
+    for n, part in zip(tiles_per_image, parts[1:]):
+        k = num_image_token * n
+        out.append(IMG_START + IMG_CONTEXT * k + (extra_token * k if extra_token else "") + IMG_END + part)
+    return "".join(out)
+
+
+def encode_internvl(tokenizer, conversations, template, tiles_per_image, num_image_token, extra_token=None,
+                    system=None):
+    t = TEMPLATES[template]
+    segs = _internvl_segments(conversations, template, system, len(tiles_per_image))
+    n_ph, n_im = sum(text.count("<image>") for text, _ in segs), len(tiles_per_image)
+    if n_ph != n_im:
+        raise ValueError(f"conversation has {n_ph} <image> placeholders but {n_im} images were given")
+    # expand per piece, handing each piece its own images, then mark each answer + its <|im_end|> as a char span
+    units, i = [], 0
+    for text, is_answer in segs:
+        n = text.count("<image>")
+        text, i = expand_internvl_images(text, tiles_per_image[i:i + n], num_image_token, extra_token), i + n
+        span = (len(t["roles"][1]), len(text) - len(t["sep"]) + len(IM_END)) if is_answer else None
+        units.append((text, [span] if span else []))
+    if t["bos"]:  # internlm2-chat: upstream tokenizes the whole prompt in one go
+        full, spans = "", []
+        for text, sp in units:
+            spans += [(a + len(full), b + len(full)) for a, b in sp]
+            full += text
+        units = [(full, spans)]
+    ids, labels = [], []
+    for text, spans in units:
+        enc = tokenizer.encode(text, add_special_tokens=t["bos"] is not None)
+        # supervise tokens by the characters they cover, so no re-tokenized prefix has to line up
+        for tok, (s, e) in zip(enc.ids, enc.offsets):
+            if any(s < a < e or s < b < e for a, b in spans):
+                raise ValueError(f"token {tok} (chars {s}:{e}) straddles an answer boundary, cannot locate the answer")
+            ids.append(tok)
+            labels.append(tok if s < e and any(a <= s and e <= b for a, b in spans) else IGNORE_INDEX)
+    if t["bos"] and ids[0] != tokenizer.token_to_id(t["bos"]):
+        raise ValueError(f"tokenizer did not add {t['bos']} (it needs a post-processor that adds BOS)")
+    n_ends, n_answers = labels.count(tokenizer.token_to_id(IM_END)), sum(is_answer for _, is_answer in segs)
+    if n_ends != n_answers:  # each answer must end in a supervised <|im_end|>, one token
+        raise ValueError(f"found {n_ends} supervised {IM_END}, expected {n_answers}")
+    for name in [IMG_CONTEXT] + ([extra_token] if extra_token else []):
+        got, want = ids.count(tokenizer.token_to_id(name)), num_image_token * sum(tiles_per_image)
+        if got != want:  # a tokenizer that splits or merges these would misplace image features
+            raise ValueError(f"tokenized {got} {name}, expected {want}")
+    return dict(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# InternLM2 / SentencePiece tokenizers
+# InternVL2-2B/8B/26B (InternLM2) ship only a SentencePiece tokenizer.model. We rebuild it as a `tokenizers` BPE
+# (transformers' converter recipe) with a hand-rolled protobuf reader, so neither sentencepiece nor protobuf is needed.
+
+import json  # noqa: E402
+import struct  # noqa: E402
+
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors  # noqa: E402
+
+
+def _proto_fields(buf):
+    # protobuf wire format: varint key = field << 3 | wire type (0 varint, 1 fixed64, 2 length-prefixed, 5 fixed32)
+    def varint(i):
+        out = shift = 0
+        while True:
+            out, shift, i = out | (buf[i] & 0x7F) << shift, shift + 7, i + 1
+            if buf[i - 1] < 0x80:
+                return out, i
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire = key & 7
+        if wire not in (0, 1, 2, 5):
+            raise ValueError(f"not a SentencePiece model: protobuf wire type {wire}")
+        if wire == 0:
+            val, i = varint(i)
+        else:
+            n, i = varint(i) if wire == 2 else ({1: 8, 5: 4}[wire], i)
+            val, i = buf[i:i + n], i + n
+        yield key >> 3, val
+
+
+def read_spm_model(model_file):
+    # ModelProto: 1 pieces {1 piece, 2 score, 3 type}, 2 trainer_spec {3 model_type, 35 byte_fallback, 41 bos_id},
+    # 3 normalizer_spec {2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces}
+    with open(model_file, "rb") as f:
+        fields = list(_proto_fields(f.read()))
+    sub = lambda n: dict(_proto_fields(b"".join(v for k, v in fields if k == n)))  # noqa: E731  repeats merge
+    pieces = [(p[1].decode(), struct.unpack("<f", p.get(2, bytes(4)))[0], p.get(3, 1))  # type: 1 NORMAL by default
+              for p in (dict(_proto_fields(v)) for k, v in fields if k == 1)]
+    trainer, norm = sub(2), sub(3)
+    if trainer.get(3, 1) != 2:  # model_type: 1 UNIGRAM (the default), 2 BPE, 3 WORD, 4 CHAR
+        raise ValueError(f"{model_file}: SentencePiece model_type {trainer.get(3, 1)} is not BPE (2), the only one supported")
+    if norm.get(4, 1):  # sentencepiece collapses spaces over the whole text; per-segment normalizers can't match that
+        raise ValueError(f"{model_file}: SentencePiece remove_extra_whitespaces=true is not supported")
+    return pieces, trainer, norm
+
+
+def spm_to_tokenizer(model_file, added_tokens=None, add_bos=True):
+    # added_tokens {id: content}: HF configs rename pieces (InternLM2's [UNUSED_TOKEN_*] -> <|im_end|> ...) and append more
+    pieces, trainer, norm = read_spm_model(model_file)
+    added_tokens = added_tokens or {}
+    names = {i: p for i, (p, _, _) in enumerate(pieces)} | added_tokens
+    vocab = {t: i for i, t in names.items()}
+    # sentencepiece BPE merges the adjacent pair whose concatenation is the best-scoring normal piece (leftmost first),
+    # so every split of a normal piece into two vocab pieces is a merge, ranked by the piece's score, then its id
+    merges = sorted((-score, i, vocab[t[:k]], vocab[t[k:]], k) for i, (_, score, typ) in enumerate(pieces) if typ == 1
+                    for t in [names[i]] for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab)
+    unk = names[next(i for i, (_, _, typ) in enumerate(pieces) if typ == 2)]
+    tok = Tokenizer(models.BPE(vocab, [(names[i][:k], names[i][k:]) for _, i, _, _, k in merges], unk_token=unk,
+                               fuse_unk=True, byte_fallback=bool(trainer.get(35, 0))))
+    # unknown / control / user-defined pieces and the config's tokens are cut out whole before the BPE sees the text
+    special = sorted({i for i, (_, _, typ) in enumerate(pieces) if typ in (2, 3, 4)} | set(added_tokens))
+    tok.add_special_tokens([AddedToken(names[i], normalized=False, special=True) for i in special])
+    charsmap = [normalizers.Precompiled(norm[2])] if norm.get(2) else []  # e.g. nmt_nfkc; InternLM2 has none
+    tok.normalizer = normalizers.Sequence(charsmap + [normalizers.Replace(" ", "▁")])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if norm.get(3, 1):  # add_dummy_prefix (InternLM2: off). "first": only at the very start, as sentencepiece does
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    bos = trainer.get(41, 1)  # bos_id; a disabled -1 reads as a huge varint
+    if add_bos and bos in names:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{names[bos]} $A", pair=f"{names[bos]} $A {names[bos]} $B", special_tokens=[(names[bos], bos)])
+    return tok
+
+
+def load_spm_folder(folder):
+    # HF files beside tokenizer.model: added_tokens.json appends tokens ({content: id}); tokenizer_config.json's
+    # added_tokens_decoder renames pieces and appends tokens (its names win) and add_bos_token says whether <s> leads
+    def read(name):
+        f = os.path.join(folder, name)
+        return json.load(open(f)) if os.path.isfile(f) else {}
+    config = read("tokenizer_config.json")
+    added = {i: t for t, i in read("added_tokens.json").items()}
+    added.update({int(i): t["content"] for i, t in config.get("added_tokens_decoder", {}).items()})
+    return spm_to_tokenizer(os.path.join(folder, "tokenizer.model"), added, config.get("add_bos_token", True))
