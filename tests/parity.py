@@ -20,7 +20,7 @@ import data  # noqa: E402
 import model  # noqa: E402
 
 TOL = 1e-4
-INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "greedy_prompt"}
+INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "greedy_prompt", "long_input_ids"}
 
 
 def rel_err(ours, ref, where=None):
@@ -35,9 +35,11 @@ def vision_inputs(cases):
 
 
 def leading_images(m, cases, prompt):
-    """The vision inputs of the images that a single-sample prompt holds: the first images of the batch, as many
-    as the prompt has image tokens for."""
+    """The vision inputs of the images that a single-sample prompt holds: the first images (Qwen) or tiles
+    (InternVL) of the batch, as many as the prompt has image tokens for."""
     n_tok = int((prompt == m.cfg.image_token_id).sum())
+    if m.cfg.arch == "internvl":
+        return dict(pixel_values=cases["pixel_values"][:n_tok // m.cfg.num_image_token]) if n_tok else {}
     grid = cases["image_grid_thw"]
     per = (grid.prod(-1) // m.cfg.vit_merge ** 2).cumsum(0)
     k = int((per <= n_tok).sum())
@@ -47,17 +49,28 @@ def leading_images(m, cases, prompt):
     return dict(pixel_values=cases["pixel_values"][:rows], image_grid_thw=grid[:k]) if k else {}
 
 
+def cases_md(folder):
+    path = os.path.join(folder, "CASES.md")
+    return open(path).read() if os.path.exists(path) else ""
+
+
 def pixel_settings(folder):
     """min/max pixels the fixture's image processor used, as CASES.md states them."""
-    text = open(os.path.join(folder, "CASES.md")).read() if os.path.exists(os.path.join(folder, "CASES.md")) else ""
+    text = cases_md(folder)
     mn, mx = re.search(r"min_pixels=(\d+)", text), re.search(r"max_pixels=(\d+)", text)
     return (int(mn.group(1)), int(mx.group(1))) if mn and mx else None
+
+
+def stand_in_id(folder, token):
+    """Tiny fixtures have no tokenizer; CASES.md names the stand-in id of each special token ("<IMG_CONTEXT>=97")."""
+    hit = re.search(re.escape(token) + r"=(\d+)", cases_md(folder))
+    return int(hit.group(1)) if hit else None
 
 
 def run(folder, log=print):
     """Returns a list of (case, measured, ok)."""
     cases = load_file(os.path.join(folder, "cases.safetensors"))
-    m = model.load_model(folder, dtype=torch.float32)
+    m = model.load_model(folder, dtype=torch.float32, image_token_id=stand_in_id(folder, "<IMG_CONTEXT>"))
     valid = cases["attention_mask"].bool() if "attention_mask" in cases else None
     results, done = [], set(INPUTS)
 
@@ -84,6 +97,10 @@ def run(folder, log=print):
                 err = rel_err(m.image_features(**vision_inputs(cases)), cases[name])
                 report(name, err, err <= TOL)
                 done.add(name)
+        if "long_logits" in cases:  # text only, longer than max_position_embeddings
+            err = rel_err(m(cases["long_input_ids"]), cases["long_logits"])
+            report("long_logits", err, err <= TOL)
+            done.add("long_logits")
         if "greedy_tokens" in cases:  # the reference is argmax of full forwards: no stopping at eos
             prompt, ref = cases["greedy_prompt"], cases["greedy_tokens"]
             toks = m.generate(prompt, None, **leading_images(m, cases, prompt), max_new_tokens=ref.shape[1],
