@@ -1,13 +1,16 @@
 """
-Writes a character-level tokenizer.json for the tiny Qwen fixtures (vocab_size 160):
-    python tools/tiny_tokenizer.py tests/fixtures/qwen2_vl_tiny
-Plain ASCII text round-trips, and the vision special tokens sit at the ids that
-the fixtures' config.json fixes (image_token_id 151 etc.), so a demo can run end to end.
+Writes a character-level tokenizer.json for a tiny fixture folder:
+    python tools/tiny_tokenizer.py tests/fixtures/qwen2_vl_tiny      # Qwen layout, vocab 160
+    python tools/tiny_tokenizer.py tests/fixtures/internvl2_tiny     # InternVL layout, vocab 100 (BOS for InternLM2)
+Plain ASCII text round-trips, and the special tokens sit at the stand-in ids the fixtures use (Qwen: image_token_id
+151 ...; InternVL: <img>=95, </img>=96, <IMG_CONTEXT>=97, <EXTRA_IMG_CONTEXT>=98), so a demo runs end to end.
 """
 import os
 import sys
 
-from tokenizers import AddedToken, Tokenizer, decoders, models
+import json
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
 VOCAB_SIZE = 160
 HEAD = ["<|endoftext|>", "<s>", "<|im_end|>", "<|im_start|>"]  # ids 0..3
@@ -39,11 +42,35 @@ def check(tok):
     assert max(ids) < VOCAB_SIZE and tok.decode(ids, skip_special_tokens=False) == text
 
 
+# InternVL stand-ins: vocab 100; characters other than these map to <unk> (the Chinese default system messages do)
+IVL_HEAD = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0..4
+IVL_CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + \
+    [str(d) for d in range(10)] + list(" \n.,?!:;'\"-()[]/<>=_")  # ids 5..
+IVL_SPECIAL = {95: "<img>", 96: "</img>", 97: "<IMG_CONTEXT>", 98: "<EXTRA_IMG_CONTEXT>"}
+
+
+def build_internvl(bos):
+    tokens = IVL_HEAD + IVL_CHARS
+    tokens += [IVL_SPECIAL.get(i, f"<|reserved_{i}|>") for i in range(len(tokens), 100)]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IVL_HEAD + list(IVL_SPECIAL.values())])
+    if bos:  # InternLM2's tokenizer prepends <s>
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tok.get_vocab_size(with_added_tokens=True) == 100
+    for i, t in list(enumerate(IVL_HEAD)) + list(IVL_SPECIAL.items()):
+        assert tok.token_to_id(t) == i, (t, i)
+    return tok
+
+
 if __name__ == "__main__":
     out_dir = sys.argv[1]
-    tok = build()
-    check(tok)
+    config = json.load(open(os.path.join(out_dir, "config.json")))
+    if "llm_config" in config:
+        tok = build_internvl(bos=config["llm_config"]["architectures"][0] == "InternLM2ForCausalLM")
+    else:
+        tok = build()
+        check(tok)
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    check(Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json")))
     print(f"wrote {os.path.join(out_dir, 'tokenizer.json')}")
