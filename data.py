@@ -292,19 +292,20 @@ def read_spm_model(model_file):
     # 3 normalizer_spec {2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces}
     with open(model_file, "rb") as f:
         fields = list(_proto_fields(f.read()))
-    sub = lambda n: dict(_proto_fields(b"".join(v for k, v in fields if k == n)))  # noqa: E731  repeats merge
+    sub = lambda n: dict(_proto_fields(b"".join(v for k, v in fields if k == n)))  # noqa: E731 (repeats merge)
     pieces = [(p[1].decode(), struct.unpack("<f", p.get(2, bytes(4)))[0], p.get(3, 1))  # type: 1 NORMAL by default
               for p in (dict(_proto_fields(v)) for k, v in fields if k == 1)]
     trainer, norm = sub(2), sub(3)
     if trainer.get(3, 1) != 2:  # model_type: 1 UNIGRAM (the default), 2 BPE, 3 WORD, 4 CHAR
-        raise ValueError(f"{model_file}: SentencePiece model_type {trainer.get(3, 1)} is not BPE (2), the only one supported")
+        raise ValueError(f"{model_file}: SentencePiece model_type {trainer.get(3, 1)} is not BPE (2); "
+                         "only BPE is supported")
     if norm.get(4, 1):  # sentencepiece collapses spaces over the whole text; per-segment normalizers can't match that
         raise ValueError(f"{model_file}: SentencePiece remove_extra_whitespaces=true is not supported")
     return pieces, trainer, norm
 
 
 def spm_to_tokenizer(model_file, added_tokens=None, add_bos=True):
-    # added_tokens {id: content}: HF configs rename pieces (InternLM2's [UNUSED_TOKEN_*] -> <|im_end|> ...) and append more
+    # added_tokens {id: content}: HF configs rename pieces (InternLM2's [UNUSED_TOKEN_*] -> <|im_end|>) and append more
     pieces, trainer, norm = read_spm_model(model_file)
     added_tokens = added_tokens or {}
     names = {i: p for i, (p, _, _) in enumerate(pieces)} | added_tokens
@@ -319,10 +320,13 @@ def spm_to_tokenizer(model_file, added_tokens=None, add_bos=True):
     # unknown / control / user-defined pieces and the config's tokens are cut out whole before the BPE sees the text
     special = sorted({i for i, (_, _, typ) in enumerate(pieces) if typ in (2, 3, 4)} | set(added_tokens))
     tok.add_special_tokens([AddedToken(names[i], normalized=False, special=True) for i in special])
-    charsmap = [normalizers.Precompiled(norm[2])] if norm.get(2) else []  # e.g. nmt_nfkc; InternLM2 has none
+    # e.g. nmt_nfkc, as transformers does (close, not exact: "\r\n"); InternLM2's "identity" has no charsmap
+    charsmap = [normalizers.Precompiled(norm[2])] if norm.get(2) else []
     tok.normalizer = normalizers.Sequence(charsmap + [normalizers.Replace(" ", "▁")])
     dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if norm.get(3, 1):  # add_dummy_prefix (InternLM2: off). "first": only at the very start, as sentencepiece does
+    # add_dummy_prefix (InternLM2: off). "first" puts ▁ only at the start of the text, like sentencepiece, except
+    # that it adds none before leading whitespace and cannot reach before a leading added token
+    if norm.get(3, 1):
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
         dec.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(dec)

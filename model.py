@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from perceivers import FusionGate, init_perceiver, perceiver
+
 # ----------------------------------------------------------------------------------------------------------------------
 # config: one flat dataclass, filled from the official config.json (flat 4.x layout or nested 5.x `text_config`)
 
@@ -64,6 +66,10 @@ class ModelConfig:
     select_layer: int = -1
     num_image_token: int = 256  # tokens per InternVL tile
     template: str = ""
+    extra_token_id: int = None  # MP-GUI's <EXTRA_IMG_CONTEXT>
+    im_start_token_id: int = None  # <|im_start|>: the prompt_only gate mask cuts at the last one
+    mpgui_mode: str = "fusion"  # which source fills EXTRA: textual | graphical | spatial (stages 1-3) | fusion
+    gate_mask: str = "prompt_only"  # fusion-gate keys: official (answer leaks in, as released) | prompt_only
 
 
 def _need(d, key, where):
@@ -76,8 +82,10 @@ def config_from_hf(d, where="config.json", generation_config=None):
     """Reads an official Qwen2-VL / Qwen2.5-VL config.json (dict). Vision keys absent from the file take the
     reference class defaults, as the official Qwen2-VL-2B config stores only a few of them."""
     archs = d.get("architectures") or [""]
-    if archs[0] == "InternVLChatModel":
-        return internvl_config(d, where, generation_config)
+    if archs[0] in ("InternVLChatModel", "MPGUI"):
+        cfg = internvl_config(d, where, generation_config)
+        cfg.arch = "mpgui" if archs[0] == "MPGUI" else "internvl"
+        return cfg
     arch = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}.get(
         archs[0], d.get("model_type"))
     if arch not in ("qwen2_vl", "qwen2_5_vl"):
@@ -643,12 +651,15 @@ class VLM(nn.Module):
     """Shared forward and greedy generation. A family supplies `embed` (token embeddings with image features
     spliced in), `positions` (prefill position ids + each sample's next position), `decoder` and `head`."""
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, **vision):
+    def tokens(self, input_ids):
+        return self.decoder.get_submodule("tok_embeddings" if self.cfg.llm_arch == "internlm2" else "embed_tokens")(
+            input_ids)
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, **vision):
         if cache is not None and cache.length:  # a decode step: a generated image token is an ordinary token
-            x = self.decoder.get_submodule("tok_embeddings" if self.cfg.llm_arch == "internlm2" else "embed_tokens")(
-                input_ids)
+            x = self.tokens(input_ids)
         else:
-            x = self.embed(input_ids, **vision)
+            x = self.embed(input_ids, attention_mask, labels, **vision)
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, **vision)
         T = input_ids.shape[1]
@@ -661,17 +672,18 @@ class VLM(nn.Module):
             cache.length = S
         return h
 
-    def forward(self, input_ids, attention_mask=None, **vision):
-        """Logits (B, T, vocab) in fp32."""
-        return self.head(self.hidden(input_ids, attention_mask, **vision)).float()
+    def forward(self, input_ids, attention_mask=None, labels=None, **vision):
+        """Logits (B, T, vocab) in fp32. `labels` only steer MP-GUI's prompt_only gate mask."""
+        return self.head(self.hidden(input_ids, attention_mask, labels=labels, **vision)).float()
 
-    def splice(self, x, input_ids, feats):
+    def splice(self, x, input_ids, feats, token=None):
         """Writes image features (n, C) over the image-context tokens of x (B, T, C), in order; counts must agree."""
-        sel = input_ids == self.cfg.image_token_id
+        token = self.cfg.image_token_id if token is None else token
+        sel = input_ids == token
         n_tok = int(sel.sum())
         n_feat = 0 if feats is None else feats.shape[0]
         if n_tok != n_feat:
-            raise ValueError(f"image tokens and image features differ: {n_tok} tokens, {n_feat} features")
+            raise ValueError(f"image tokens ({token}) and image features differ: {n_tok} tokens, {n_feat} features")
         return x if feats is None else x.masked_scatter(sel[..., None], feats.to(x.dtype))
 
     @torch.no_grad()
@@ -741,13 +753,12 @@ class InternVL(VLM):
     def image_features(self, pixel_values):
         return self.mlp1(self.visual_clues(pixel_values))  # (tiles, num_image_token, hidden)
 
-    def embed(self, input_ids, pixel_values=None):
-        tokens = self.decoder.tok_embeddings if self.cfg.llm_arch == "internlm2" else self.decoder.embed_tokens
+    def embed(self, input_ids, attention_mask=None, labels=None, pixel_values=None):
         if pixel_values is not None and self.cfg.image_token_id is None:
             raise ValueError("image_token_id (<IMG_CONTEXT>) is unknown: no tokenizer files in the checkpoint folder; "
                              "pass image_token_id to load_model")
         feats = None if pixel_values is None else self.image_features(pixel_values).flatten(0, 1)
-        return self.splice(tokens(input_ids), input_ids, feats)
+        return self.splice(self.tokens(input_ids), input_ids, feats)
 
     def positions(self, input_ids, attention_mask=None, **vision):
         if attention_mask is None:
@@ -755,6 +766,64 @@ class InternVL(VLM):
         else:  # padding-aware: left and right padding give each sample the same positions
             pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return pos, pos.amax(-1) + 1
+
+
+class MPGUI(InternVL):
+    """MP-GUI: InternVL + textual / graphical / spatial perceivers + fusion gate. Each image is <img>,
+    <IMG_CONTEXT> x (n * tiles), <EXTRA_IMG_CONTEXT> x (n * tiles), </img>: the context tokens take the mlp1
+    features, the EXTRA tokens take cfg.mpgui_mode's source, tile by tile: one perceiver (stages 1-3) or the fusion
+    gate (stages 4-5 and inference)."""
+
+    PARTS = ("textual_perceiver", "graphical_perceiver", "spatial_perceiver", "fusion_gate")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d_in = 4 * cfg.vit_hidden
+        self.textual_perceiver = perceiver(d_in, cfg.hidden_size)
+        self.graphical_perceiver = perceiver(d_in, cfg.hidden_size)
+        self.spatial_perceiver = perceiver(d_in, cfg.hidden_size)
+        self.fusion_gate = FusionGate(cfg.hidden_size)
+
+    def init_part(self, name):  # a part's first stage: perceivers as the official code, the gate explicitly
+        init_perceiver(getattr(self, name)) if name != "fusion_gate" else self.fusion_gate.reset_parameters()
+
+    def gate_keys(self, input_ids, attention_mask=None, labels=None):
+        """(B, L) True where the fusion gate's align layer may read a token. official: every token but EXTRA and
+        id 0 (the released collator's padding). prompt_only: also not the supervised answers nor anything from the
+        last <|im_start|> on (the final assistant turn), so training sees what inference sees."""
+        keys = input_ids != self.cfg.extra_token_id
+        if attention_mask is not None:
+            keys &= attention_mask.bool()
+        if self.cfg.gate_mask == "official":
+            return keys & (input_ids != 0)
+        if self.cfg.gate_mask != "prompt_only":
+            raise ValueError(f"gate_mask must be official or prompt_only, not {self.cfg.gate_mask!r}")
+        if labels is not None:
+            keys &= labels == -100
+        if self.cfg.im_start_token_id is None:
+            raise ValueError("prompt_only needs <|im_start|>'s id (cfg.im_start_token_id): no tokenizer files found")
+        starts = input_ids == self.cfg.im_start_token_id
+        L = input_ids.shape[1]
+        last = torch.where(starts.any(1), L - 1 - starts.flip(1).int().argmax(1), L)  # (B,)
+        return keys & (torch.arange(L, device=input_ids.device)[None] < last[:, None])
+
+    def embed(self, input_ids, attention_mask=None, labels=None, pixel_values=None):
+        if pixel_values is None:
+            return self.splice(self.splice(self.tokens(input_ids), input_ids, None), input_ids, None,
+                               self.cfg.extra_token_id)
+        clues = self.visual_clues(pixel_values)  # (T, n, 4 * vit_hidden), T tiles of the whole batch
+        vit = self.mlp1(clues)  # (T, n, C)
+        x = self.splice(self.tokens(input_ids), input_ids, vit.flatten(0, 1))
+        mode = self.cfg.mpgui_mode
+        if mode != "fusion":
+            extra = getattr(self, f"{mode}_perceiver")(clues)
+        else:  # each tile's gate reads its own sample's prompt, after the context splice
+            tiles = (input_ids == self.cfg.image_token_id).sum(1) // self.cfg.num_image_token  # (B,)
+            sample = torch.repeat_interleave(torch.arange(len(tiles), device=x.device), tiles)  # (T,)
+            keys = self.gate_keys(input_ids, attention_mask, labels)
+            parts = (self.graphical_perceiver(clues), self.textual_perceiver(clues), self.spatial_perceiver(clues))
+            extra = self.fusion_gate(vit, *parts, x[sample], keys[sample], attention)
+        return self.splice(x, input_ids, extra.flatten(0, 1), self.cfg.extra_token_id)
 
 
 class Qwen2VL(VLM):
@@ -776,7 +845,7 @@ class Qwen2VL(VLM):
     def image_features(self, pixel_values, image_grid_thw):
         return self.visual(pixel_values, image_grid_thw)  # (n_image_tokens, hidden)
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+    def embed(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None):
         feats = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
         return self.splice(self.model.embed_tokens(input_ids), input_ids, feats)
 
@@ -852,9 +921,11 @@ def qwen_key(k):  # newer transformers nest the modules: model.visual.* / model.
     return k
 
 
-def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu"):
+def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu", optional=()):
     """Fills every parameter of `model` from the folder's safetensors. Missing, unexpected or mis-shaped keys stop
-    the load with their names. A tied head takes the embedding; a stored head that differs from it is an error."""
+    the load with their names. A tied head takes the embedding; a stored head that differs from it is an error.
+    Submodules named in `optional` may be absent as a whole: they are allocated (for the caller to initialise)
+    and their names returned."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(model.cfg, "tie_word_embeddings", False)
     head = "lm_head.weight"
@@ -874,6 +945,8 @@ def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu"):
                 seen.add(name)
                 state[name] = t
     expected = set(params) - ({head} if tied else set())
+    absent = [p for p in optional if not any(n.startswith(p + ".") for n in seen)]
+    expected -= {n for n in expected if any(n.startswith(p + ".") for p in absent)}
     missing = sorted(expected - seen)
     problems = []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
@@ -890,27 +963,38 @@ def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu"):
         p = params[name]
         state[name] = t.to(device=device, dtype=dtype or t.dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    for name in absent:
+        model.get_submodule(name).to_empty(device=device).to(dtype or next(iter(state.values())).dtype)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight  # meta-built ties are lost by assign=True
-    return model
+    return absent
 
 
-def load_model(path, dtype=None, device="cpu", image_token_id=None):
+def load_model(path, dtype=None, device="cpu", special_ids=None, mpgui=False):
     """Builds the model a checkpoint folder (or hub id) describes and loads its weights; dtype None keeps the
-    file's dtype. InternVL reads <IMG_CONTEXT>'s id from the tokenizer files unless `image_token_id` is given."""
+    file's dtype. InternVL / MP-GUI read their special-token ids from the tokenizer files unless `special_ids`
+    ({"image_token_id": .., "extra_token_id": .., "im_start_token_id": ..}) gives them. mpgui=True builds MP-GUI
+    on an InternVL checkpoint: the perceivers and gate it lacks start from their first-stage init."""
     folder = resolve(path)
     with open(os.path.join(folder, "config.json")) as f:
         d = json.load(f)
     gen = os.path.join(folder, "generation_config.json")
     gen = json.load(open(gen)) if os.path.exists(gen) else None
     cfg = config_from_hf(d, os.path.join(folder, "config.json"), gen)
-    if cfg.arch == "internvl":  # special ids live in the tokenizer files, not in config.json
-        cfg.image_token_id = image_token_id if image_token_id is not None else special_token_id(folder,
-                                                                                                 "<IMG_CONTEXT>")
+    if cfg.arch in ("internvl", "mpgui"):  # special ids live in the tokenizer files, not in config.json
+        ids = dict(image_token_id="<IMG_CONTEXT>", extra_token_id="<EXTRA_IMG_CONTEXT>",
+                   im_start_token_id="<|im_start|>")
+        for field_, token in ids.items():
+            given = (special_ids or {}).get(field_)
+            setattr(cfg, field_, given if given is not None else special_token_id(folder, token))
         end = special_token_id(folder, "<|im_end|>")
         cfg.eos_token_ids = [end] if end is not None else cfg.eos_token_ids
+        cfg.arch = "mpgui" if mpgui else cfg.arch
     with torch.device("meta"):
-        model = (InternVL if cfg.arch == "internvl" else Qwen2VL)(cfg)
-    load_weights(model, folder, qwen_key if cfg.arch != "internvl" else lambda k: k, dtype, device)
+        model = {"internvl": InternVL, "mpgui": MPGUI}.get(cfg.arch, Qwen2VL)(cfg)
+    new_parts = load_weights(model, folder, lambda k: k if cfg.arch in ("internvl", "mpgui") else qwen_key(k), dtype,
+                             device, optional=MPGUI.PARTS if cfg.arch == "mpgui" else ())
+    for name in new_parts:  # e.g. stage 1 starts MP-GUI from InternVL2-8B, which has none of its parts
+        model.init_part(name)
     model.folder = folder
     return model.eval()

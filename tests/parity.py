@@ -70,7 +70,8 @@ def stand_in_id(folder, token):
 def run(folder, log=print):
     """Returns a list of (case, measured, ok)."""
     cases = load_file(os.path.join(folder, "cases.safetensors"))
-    m = model.load_model(folder, dtype=torch.float32, image_token_id=stand_in_id(folder, "<IMG_CONTEXT>"))
+    ids = dict(image_token_id="<IMG_CONTEXT>", extra_token_id="<EXTRA_IMG_CONTEXT>")
+    m = model.load_model(folder, dtype=torch.float32, special_ids={k: stand_in_id(folder, t) for k, t in ids.items()})
     valid = cases["attention_mask"].bool() if "attention_mask" in cases else None
     results, done = [], set(INPUTS)
 
@@ -97,6 +98,26 @@ def run(folder, log=print):
                 err = rel_err(m.image_features(**vision_inputs(cases)), cases[name])
                 report(name, err, err <= TOL)
                 done.add(name)
+        if "visual_clues" in cases:  # MP-GUI: pixel-shuffled ViT features before mlp1, and each perceiver on them
+            clues = m.visual_clues(cases["pixel_values"])
+            report("visual_clues", rel_err(clues, cases["visual_clues"]), rel_err(clues, cases["visual_clues"]) <= TOL)
+            done.add("visual_clues")
+            for name in [k for k in cases if k.endswith("_perceiver_out")]:
+                err = rel_err(getattr(m, name[:-len("_out")])(clues), cases[name])
+                report(name, err, err <= TOL)
+                done.add(name)
+        if "tiles_per_sample" in cases:  # the model derives it from the ids; the fixture states it
+            tiles = (cases["input_ids"] == m.cfg.image_token_id).sum(1) // m.cfg.num_image_token
+            same = torch.equal(tiles, cases["tiles_per_sample"])
+            report("tiles_per_sample", "equal" if same else f"{tiles.tolist()}", same)
+            done.add("tiles_per_sample")
+        for name in sorted(k for k in cases if k.startswith("logits_")):  # MP-GUI: one EXTRA source per case
+            m.cfg.mpgui_mode = name[len("logits_"):]
+            m.cfg.gate_mask = "official"  # the fixture's gate is the released one, answer keys included
+            logits = m(cases["input_ids"], cases.get("attention_mask"), **vision_inputs(cases))
+            err = rel_err(logits, cases[name], valid)
+            report(name, err, err <= TOL)
+            done.add(name)
         if "long_logits" in cases:  # text only, longer than max_position_embeddings
             err = rel_err(m(cases["long_input_ids"]), cases["long_logits"])
             report("long_logits", err, err <= TOL)

@@ -1,5 +1,6 @@
 """Qwen input pipeline vs transformers (the oracle) and vs hand-written chat strings."""
 import os
+import shutil
 import random
 import subprocess
 import sys
@@ -148,13 +149,15 @@ def test_load_tokenizer_missing(tmp_path):
         data.load_tokenizer(str(tmp_path))
 
 
-def test_tiny_tokenizer(tmp_path):
-    # the checked-in fixture tokenizer is exactly what the tool writes
+@pytest.mark.parametrize("fx", ["qwen2_vl_tiny", "qwen2_5_vl_tiny", "internvl2_tiny", "internvl3_tiny", "mpgui_tiny"])
+def test_fixture_tokenizer_is_what_the_tool_writes(fx, tmp_path):
+    shutil.copy(os.path.join(FIXTURES, fx, "config.json"), tmp_path / "config.json")  # the tool reads the family
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "tiny_tokenizer.py"), str(tmp_path)], check=True)
-    fresh = (tmp_path / "tokenizer.json").read_text()
-    for fx in ["qwen2_vl_tiny", "qwen2_5_vl_tiny"]:
-        with open(os.path.join(FIXTURES, fx, "tokenizer.json")) as f:
-            assert f.read() == fresh, fx
+    with open(os.path.join(FIXTURES, fx, "tokenizer.json")) as f:
+        assert f.read() == (tmp_path / "tokenizer.json").read_text(), fx
+
+
+def test_tiny_tokenizer():
     tok = data.load_tokenizer(TINY_TOKENIZER)
     for s in ["hello world", "a\nb\n\nc  d", "~!@#$%^&*()_+{}|:\"<>?`-=[]\\;',./", " leading and trailing ", "x = 1\n"]:
         ids = tok.encode(s, add_special_tokens=False).ids
