@@ -3,6 +3,7 @@ Input pipeline: images -> patch rows, chat messages -> prompt text -> token ids.
 Only torch, numpy, PIL and tokenizers at run time; the numerics mirror the HF
 image processors (PIL backend) so that pixel_values match them to float rounding.
 """
+import json
 import math
 import os
 
@@ -255,6 +256,195 @@ def encode_internvl(tokenizer, conversations, template, tiles_per_image, num_ima
 
 
 # -----------------------------------------------------------------------------
+# InternVL / MP-GUI training data: meta json, jsonl, collate, length-grouped sampling
+# Mirrors upstream's build_datasets, LazySupervisedDataset, concat_pad_data_collator and LengthGroupedSampler, except:
+# a sample upstream would crash on or truncate (bad line, missing/unreadable image, too long) is skipped and reported
+# as (file, line, reason), and a text-only sample carries no pixels (upstream feeds a blank tile with image_flags 0).
+
+META_KEYS = dict(root=str, annotation=str, data_augment=bool, repeat_time=(int, float))  # all required
+
+
+def _resolve(path, base):
+    # a relative path is taken from the cwd (as upstream does) if it exists there, else from the meta file's folder
+    return path if os.path.isabs(path) or os.path.exists(path or ".") else os.path.join(base, path)
+
+
+def read_meta(meta_path):
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{meta_path}: expected a non-empty JSON object {{name: dataset}}")
+    base, out = os.path.dirname(os.path.abspath(meta_path)), []
+    for name, d in meta.items():
+        where = f"{meta_path}: dataset {name!r}"
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object, got {d!r}")
+        unknown = sorted(set(d) - set(META_KEYS) - {"max_dynamic_patch", "length"})  # "length" is documentation only
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}")
+        for key, typ in META_KEYS.items():
+            if key not in d:
+                raise ValueError(f"{where}: missing key {key!r}")
+            if not isinstance(d[key], typ) or (typ is not bool and isinstance(d[key], bool)):
+                raise ValueError(f"{where}: key {key!r} has the wrong type: {d[key]!r}")
+        rt, mdp = d["repeat_time"], d.get("max_dynamic_patch")
+        if rt <= 0 or (rt > 1 and not isinstance(rt, int)):
+            raise ValueError(f"{where}: key 'repeat_time' must be > 0, and an integer when > 1, got {rt!r}")
+        if mdp is not None and (type(mdp) is not int or mdp < 1):
+            raise ValueError(f"{where}: key 'max_dynamic_patch' must be a positive integer, got {mdp!r}")
+        out.append(dict(name=name, root=_resolve(d["root"], base), annotation=_resolve(d["annotation"], base),
+                        repeat_time=rt, data_augment=d["data_augment"], max_dynamic_patch=mdp))
+    return out
+
+
+def _parse_line(line):
+    # (item, image names) or (None, why): each of these would crash upstream in the middle of training
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"bad JSON: {e}"
+    if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+        return None, "no 'conversations' list"
+    conv = item["conversations"]
+    roles = [t.get("from") if isinstance(t, dict) and isinstance(t.get("value"), str) else None for t in conv]
+    roles = roles[1:] if roles[:1] == ["system"] else roles
+    if not roles or roles != ["human", "gpt"] * (len(roles) // 2):
+        return None, f"turns must alternate human/gpt and end with gpt, got {roles}"
+    images = item.get("image") or []  # absent or empty: text only, as upstream
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        return None, f"bad 'image' field {item.get('image')!r}"
+    n_ph = sum(t["value"].count("<image>") for t in conv)
+    if n_ph != len(images) and (n_ph, len(images)) != (0, 1):  # a lone image without placeholder goes first
+        return None, f"{n_ph} <image> placeholders for {len(images)} images"
+    if type(item.get("length", 0)) is not int:
+        return None, f"'length' is not an integer: {item['length']!r}"
+    return item, images
+
+
+def _image_size(path):
+    with Image.open(path) as im:  # reads the header only
+        return im.size
+
+
+def _load_rgb(path):
+    with Image.open(path) as im:
+        return im.convert("RGB")  # decodes now, so a broken file fails here and the handle is closed
+
+
+class InternVLDataset(torch.utils.data.Dataset):
+    def __init__(self, meta_path, tokenizer, template, num_image_token, image_size=448, max_tiles=6, max_length=4096,
+                 extra_token=None, use_thumbnail=True):
+        self.tokenizer, self.template, self.num_image_token, self.extra_token = (tokenizer, template, num_image_token,
+                                                                                 extra_token)
+        self.image_size, self.max_length, self.use_thumbnail = image_size, max_length, use_thumbnail
+        self.meta, self._tiles = read_meta(meta_path), {}
+        self.samples, self.lengths, self.skipped = [], [], []  # samples: (dataset index, line number, item, paths)
+        for di, m in enumerate(self.meta):
+            if m["data_augment"]:  # upstream's train-time random JPEG re-encoding; no shipped meta turns it on
+                raise ValueError(f"{meta_path}: dataset {m['name']!r}: data_augment=true is not implemented")
+            m["max_num"] = m["max_dynamic_patch"] or max_tiles
+            with open(m["annotation"], encoding="utf-8") as f:
+                lines = f.readlines()
+            # upstream cuts (repeat_time < 1) or repeats the lines, then shuffles them seeded by the dataset's index;
+            # shuffling line numbers gives the same permutation, and bad lines simply drop out of it
+            order, rt = list(range(len(lines))), m["repeat_time"]
+            order = order[:int(len(order) * rt)] if rt < 1 else order * int(rt)  # rt may be 1.0
+            np.random.default_rng(seed=di).shuffle(order)
+            good = {}
+            for k in sorted(set(order)):  # each line is checked (and reported) once, however often it repeats
+                ok, why = self._check(lines[k], m)
+                if ok:
+                    good[k] = ok
+                else:
+                    self.skipped.append((m["annotation"], k + 1, why))
+            # the group_by_length estimate: upstream's "\n"-joined turn texts (BOS included) + the image tokens
+            keys = [k for k in good if "length" not in good[k][0]]
+            texts = ["\n".join(t["value"] for t in good[k][0]["conversations"]) for k in keys]
+            n_text = {k: len(e.ids) for k, e in zip(keys, tokenizer.encode_batch(texts))}
+            for k in order:
+                if k in good:
+                    item, paths, n_img = good[k]
+                    self.samples.append((di, k + 1, item, paths))
+                    self.lengths.append(item["length"] if "length" in item else n_text[k] + n_img)
+
+    def _check(self, line, m):
+        # ((item, image paths, image tokens), None) or (None, why)
+        item, images = _parse_line(line)
+        if item is None:
+            return None, images
+        paths = tuple(os.path.join(m["root"], p) for p in images)
+        for p in paths:
+            if not os.path.isfile(p):
+                return None, f"missing image {p}"
+        w, h = item.get("width"), item.get("height")
+        try:  # the line's own size when it has one, else the file header (cheap: PIL reads no pixels here)
+            sizes = [(w, h)] if len(paths) == 1 and all(type(v) is int and v > 0 for v in (w, h)) else \
+                [_image_size(p) for p in paths]
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return None, f"unreadable image: {e}"
+        n_img = 0
+        for w, h in sizes:
+            key = (w, h, m["max_num"] // len(paths))  # upstream splits the tile budget among a sample's images
+            if key not in self._tiles:
+                cols, rows = internvl_grid(w, h, 1, key[2], self.image_size)
+                self._tiles[key] = cols * rows + (self.use_thumbnail and cols * rows > 1)
+            n_img += self._tiles[key]
+        return (item, paths, n_img * self.num_image_token * (2 if self.extra_token else 1)), None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        di, line, item, paths = self.samples[i]
+        m = self.meta[di]
+        source = (m["annotation"], line)
+        try:
+            pix = [internvl_tiles(_load_rgb(p), m["max_num"] // len(paths), self.image_size, self.use_thumbnail)
+                   for p in paths]
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return dict(skip=source + (f"unreadable image: {e}",))
+        tiles = [len(x) for x in pix]
+        try:
+            enc = encode_internvl(self.tokenizer, item["conversations"], self.template, tiles, self.num_image_token,
+                                  self.extra_token)
+        except ValueError as e:
+            return dict(skip=source + (f"cannot encode: {e}",))
+        n = len(enc["input_ids"])
+        if n > self.max_length:  # never truncate: a cut could split an image span or silently drop answer tokens
+            return dict(skip=source + (f"{n} tokens > max_length {self.max_length}",))
+        return dict(enc, pixel_values=torch.cat(pix) if pix else None, tiles=tiles, source=source)
+
+
+def collate(samples, pad_id):
+    # upstream's concat_pad_data_collator: right padding, every sample's tiles stacked in sample order
+    skipped = [s["skip"] for s in samples if "skip" in s]
+    samples = [s for s in samples if "skip" not in s]
+    if not samples:  # every sample was skipped: the trainer logs and moves on
+        return dict(input_ids=None, labels=None, attention_mask=None, pixel_values=None, tiles_per_sample=None,
+                    skipped=skipped)
+    B, T = len(samples), max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)  # real tokens, not input_ids != pad_id as upstream does
+    for b, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = s["input_ids"], s["labels"], 1
+    pix = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                pixel_values=torch.cat(pix) if pix else None,
+                tiles_per_sample=torch.tensor([sum(s["tiles"]) for s in samples], dtype=torch.long), skipped=skipped)
+
+
+def length_grouped_indices(lengths, megabatch, seed):
+    # LLaVA / InternVL group_by_length: random megabatches of world_size * grad_accum * micro_batch samples, each
+    # sorted longest first, so a micro-batch (a consecutive slice, dealt to the ranks) holds similar lengths and
+    # pads little. Upstream also balances the slices' token sums (split_to_even_chunks); we keep the plain sort.
+    idx = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [i for s in range(0, len(idx), megabatch) for i in sorted(idx[s:s + megabatch], key=lambda i: -lengths[i])]
+
+
+# -----------------------------------------------------------------------------
 # InternLM2 / SentencePiece tokenizers
 # InternVL2-2B/8B/26B (InternLM2) ship only a SentencePiece tokenizer.model. We rebuild it as a `tokenizers` BPE
 # (transformers' converter recipe) with a hand-rolled protobuf reader, so neither sentencepiece nor protobuf is needed.
@@ -262,7 +452,7 @@ def encode_internvl(tokenizer, conversations, template, tiles_per_image, num_ima
 import json  # noqa: E402
 import struct  # noqa: E402
 
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors  # noqa: E402
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors  # noqa: E402
 
 
 def _proto_fields(buf):
@@ -299,8 +489,6 @@ def read_spm_model(model_file):
     if trainer.get(3, 1) != 2:  # model_type: 1 UNIGRAM (the default), 2 BPE, 3 WORD, 4 CHAR
         raise ValueError(f"{model_file}: SentencePiece model_type {trainer.get(3, 1)} is not BPE (2); "
                          "only BPE is supported")
-    if norm.get(4, 1):  # sentencepiece collapses spaces over the whole text; per-segment normalizers can't match that
-        raise ValueError(f"{model_file}: SentencePiece remove_extra_whitespaces=true is not supported")
     return pieces, trainer, norm
 
 
@@ -320,14 +508,24 @@ def spm_to_tokenizer(model_file, added_tokens=None, add_bos=True):
     # unknown / control / user-defined pieces and the config's tokens are cut out whole before the BPE sees the text
     special = sorted({i for i, (_, _, typ) in enumerate(pieces) if typ in (2, 3, 4)} | set(added_tokens))
     tok.add_special_tokens([AddedToken(names[i], normalized=False, special=True) for i in special])
-    # e.g. nmt_nfkc, as transformers does (close, not exact: "\r\n"); InternLM2's "identity" has no charsmap
-    charsmap = [normalizers.Precompiled(norm[2])] if norm.get(2) else []
-    tok.normalizer = normalizers.Sequence(charsmap + [normalizers.Replace(" ", "▁")])
+    # sentencepiece's normalizer, which HF runs on each stretch of text between added tokens: exactly what
+    # transformers' slow InternLM2Tokenizer does (sp_model.encode per stretch), not one sp.encode of the whole text,
+    # where the dummy ▁ and the stripping of spaces see across user-defined pieces (whole "x  <img>y" -> "▁x▁<img>y",
+    # per stretch "▁x", "<img>", "▁y", with both flags on).
+    # charsmap: e.g. nmt_nfkc, as transformers does (close, not exact: "\r\n"); InternLM2's "identity" has none
+    dummy, collapse = norm.get(3, 1), norm.get(4, 1)  # add_dummy_prefix (InternLM2: off), remove_extra_whitespaces
+    norms = [normalizers.Precompiled(norm[2])] if norm.get(2) else []
+    if collapse:  # drops leading spaces and squeezes runs; only " " (after the charsmap) counts: tab, \n, NBSP stay.
+        # Oniguruma's ^ and $ match at every line, hence \A and \z
+        norms += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    norms.append(normalizers.Replace(" ", "▁"))
+    if dummy:  # ▁ before every non-empty stretch, before leading whitespace too, as sentencepiece does
+        norms.append(normalizers.Prepend("▁"))
+    if collapse:  # trailing spaces go after escaping and the prefix, so a trailing literal ▁ goes too ("a▁ " -> "a")
+        norms.append(normalizers.Replace(Regex(r"▁+\z"), ""))
+    tok.normalizer = normalizers.Sequence(norms)
     dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    # add_dummy_prefix (InternLM2: off). "first" puts ▁ only at the start of the text, like sentencepiece, except
-    # that it adds none before leading whitespace and cannot reach before a leading added token
-    if norm.get(3, 1):
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    if dummy:
         dec.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(dec)
     bos = trainer.get(41, 1)  # bos_id; a disabled -1 reads as a huge varint

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from torch.utils.checkpoint import checkpoint
 
 from perceivers import FusionGate, init_perceiver, perceiver
 
@@ -242,6 +243,17 @@ def inv_freq(dim, theta, device=None):  # always fp32: a bf16 inv_freq drifts th
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
 
+class Block(nn.Module):
+    """A transformer block whose `block` may be recomputed in backward (activation checkpointing). The checkpoint
+    sits inside forward, so hooks on the module (FSDP2's all-gathers) stay outside the recomputed region."""
+    checkpointing = False
+
+    def forward(self, x, *rest):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.block, x, *rest, use_reentrant=False)
+        return self.block(x, *rest)
+
+
 ACT = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu, "silu": F.silu}
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -301,14 +313,14 @@ def _vit_norm(cfg, dim):
     return nn.LayerNorm(dim, eps=1e-6) if cfg.arch == "qwen2_vl" else RMSNorm(dim, 1e-6)
 
 
-class VisionBlock(nn.Module):
+class VisionBlock(Block):
     def __init__(self, cfg):
         super().__init__()
         self.norm1, self.norm2 = _vit_norm(cfg, cfg.vit_hidden), _vit_norm(cfg, cfg.vit_hidden)
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMlp(cfg) if cfg.arch == "qwen2_vl" else VisionGatedMlp(cfg)
 
-    def forward(self, x, cos, sin, layout):
+    def block(self, x, cos, sin, layout):
         x = x + self.attn(self.norm1(x), cos, sin, layout)
         return x + self.mlp(self.norm2(x))
 
@@ -396,6 +408,9 @@ class InternVisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(3, C, cfg.vit_patch, cfg.vit_patch)
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.side ** 2, C))
 
+    def grid(self, pixel_values):  # patches per side of a tile
+        return pixel_values.shape[-1] // self.patch_embedding.kernel_size[0]
+
     def forward(self, pixel_values):  # (N, 3, S, S) -> (N, 1 + (S/14)^2, C)
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         N, C, h, w = x.shape
@@ -418,7 +433,7 @@ class InternAttention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each (B, H, N, D)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, N, D)
         return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, C))
 
 
@@ -429,7 +444,7 @@ def drop_path(x, p, training):  # stochastic depth: drop a sample's residual bra
     return x * keep / (1 - p)
 
 
-class InternVisionEncoderLayer(nn.Module):
+class InternVisionEncoderLayer(Block):
     def __init__(self, cfg, drop):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.vit_hidden, eps=cfg.vit_norm_eps)
@@ -439,7 +454,7 @@ class InternVisionEncoderLayer(nn.Module):
         self.ls1, self.ls2 = nn.Parameter(torch.ones(cfg.vit_hidden)), nn.Parameter(torch.ones(cfg.vit_hidden))
         self.drop = drop
 
-    def forward(self, x):
+    def block(self, x):
         x = x + drop_path(self.attn(self.norm1(x)) * self.ls1, self.drop, self.training)
         return x + drop_path(self.mlp(self.norm2(x)) * self.ls2, self.drop, self.training)
 
@@ -533,7 +548,7 @@ class Qwen2MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Qwen2DecoderLayer(nn.Module):
+class Qwen2DecoderLayer(Block):
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -541,7 +556,7 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen2MLP(cfg)
 
-    def forward(self, x, *rest):
+    def block(self, x, *rest):
         x = x + self.self_attn(self.input_layernorm(x), *rest)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -586,7 +601,7 @@ class InternLM2MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class InternLM2DecoderLayer(nn.Module):
+class InternLM2DecoderLayer(Block):
     def __init__(self, cfg):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -594,7 +609,7 @@ class InternLM2DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = InternLM2MLP(cfg)
 
-    def forward(self, x, *rest):
+    def block(self, x, *rest):
         x = x + self.attention(self.attention_norm(x), *rest)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -687,6 +702,20 @@ class VLM(nn.Module):
         return x if feats is None else x.masked_scatter(sel[..., None], feats.to(x.dtype))
 
     @torch.no_grad()
+    def resize_vocab(self, n):
+        """Grows the embedding and the head to n rows for added tokens. New rows are the mean of the old ones: the
+        official init of new output rows (new input rows never matter for MP-GUI's EXTRA token, whose positions
+        are always overwritten)."""
+        emb = self.decoder.get_submodule("tok_embeddings" if self.cfg.llm_arch == "internlm2" else "embed_tokens")
+        for mod in {id(m): m for m in (emb, self.head)}.values():
+            w = mod.weight
+            mod.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n - w.shape[0], -1)]),
+                                      requires_grad=w.requires_grad)
+        emb.num_embeddings = self.head.out_features = self.cfg.vocab_size = n
+        if self.cfg.tie_word_embeddings:
+            self.head.weight = emb.weight
+
+    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_ids=None, **vision):
         """Greedy decoding with a static KV cache. Works with left or right padding. Returns (B, n) new tokens; a
         finished sample continues with pad_token_id."""
@@ -747,8 +776,8 @@ class InternVL(VLM):
         """Pixel-shuffled ViT features before mlp1, (tiles, num_image_token, 4 * vit_hidden)."""
         x = self.vision_model(pixel_values)[:, 1:]  # drop CLS
         n, hw, C = x.shape
-        side = int(hw ** 0.5)
-        return pixel_shuffle(x.reshape(n, side, side, C), self.cfg.ps_version).reshape(n, -1, 4 * C)
+        side = self.vision_model.embeddings.grid(pixel_values)
+        return pixel_shuffle(x.reshape(n, side, side, C), self.cfg.ps_version).reshape(n, side * side // 4, 4 * C)
 
     def image_features(self, pixel_values):
         return self.mlp1(self.visual_clues(pixel_values))  # (tiles, num_image_token, hidden)
@@ -898,6 +927,8 @@ def resolve(path):
     """A local folder, or a hub id fetched (config, weights, tokenizer files) through huggingface_hub."""
     if os.path.isdir(path):
         return path
+    if path.startswith(("/", ".", "~")) or path.count("/") != 1:  # a path, not an owner/name hub id
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
     from huggingface_hub import snapshot_download
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
 
@@ -996,5 +1027,6 @@ def load_model(path, dtype=None, device="cpu", special_ids=None, mpgui=False):
                              device, optional=MPGUI.PARTS if cfg.arch == "mpgui" else ())
     for name in new_parts:  # e.g. stage 1 starts MP-GUI from InternVL2-8B, which has none of its parts
         model.init_part(name)
+    model.initialised = list(new_parts)  # not from the file: a run must save them with its trained weights
     model.folder = folder
     return model.eval()

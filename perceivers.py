@@ -50,7 +50,7 @@ class MultiheadAttention(nn.Module):
         N, Lq, C = q.shape
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
-        heads = lambda x: x.view(N, -1, self.num_heads, C // self.num_heads).transpose(1, 2)  # (N, H, L, D)
+        heads = lambda x: x.view(N, x.shape[1], self.num_heads, C // self.num_heads).transpose(1, 2)  # (N, H, L, D)
         q, k, v = heads(F.linear(q, wq, bq)), heads(F.linear(kv, wk, bk)), heads(F.linear(kv, wv, bv))
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return self.out_proj(attend(q, k, v, mask).transpose(1, 2).reshape(N, Lq, C))

@@ -38,7 +38,15 @@ def train(path, **kw):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("spm")
-    return {"internlm2": train(d / "internlm2.model"), "dummy_prefix": train(d / "dummy.model", add_dummy_prefix=True)}
+    return {"internlm2": train(d / "internlm2.model"), "dummy_prefix": train(d / "dummy.model", add_dummy_prefix=True),
+            "collapse": train(d / "collapse.model", remove_extra_whitespaces=True),
+            "collapse_dummy": train(d / "collapse_dummy.model", remove_extra_whitespaces=True, add_dummy_prefix=True)}
+
+
+def chunked(sp, s):
+    # transformers' slow InternLM2Tokenizer: cut out the added tokens, sp.encode each stretch between them on its own
+    return [i for part in re.split("(%s)" % "|".join(map(re.escape, SPECIAL)), s) if part
+            for i in ([sp.piece_to_id(part)] if part in SPECIAL else sp.encode(part))]
 
 
 def strings(n=300, seed=1):
@@ -48,7 +56,10 @@ def strings(n=300, seed=1):
     atoms = WORDS + SPECIAL + [" ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", ".", ",", "!?", "...", "😀", "🎉👍", "é",
                                "Ω", "ß", "ﬁ", "Ａ", "€", "\u200b", "\u00a0", "zzqx", "ÿ", "ananas", "banana", "▁"]
     fixed = ["", " ", "  ", "\t", "\n", "a", " a", "a ", "  a  b  ", "hello world", "hello\tworld\n", "x" * 50,
-             " " * 17, "<|im_start|>user\nhi<|im_end|>\n", "<img><img>", " <img> ", "😀", "点击按钮", "\U0001f9ea\u0301"]
+             " " * 17, "<|im_start|>user\nhi<|im_end|>\n", "<img><img>", " <img> ", "😀", "点击按钮", "\U0001f9ea\u0301",
+             " \t a", "a \t b", "\n \n", "a ▁ b", "a▁ ", " ▁ ", "▁", "▁a", "a\u3000\u3000b", "\u00a0 \u00a0",
+             "x  <img>y",
+             "<|im_start|>user\nHello  world<|im_end|>", "<|im_start|>  user \n  Hello   world  \n <|im_end|>\n"]
     rng = random.Random(seed)
     out = list(fixed)
     while len(out) < n:
@@ -71,21 +82,35 @@ def test_ids_match_sentencepiece(models):
     assert tok.encode("Ω").tokens == ["<0xCE>", "<0xA9>"]  # unseen character: byte fallback, not <unk>
 
 
-def test_dummy_prefix_is_read(models):
-    sp = spm.SentencePieceProcessor(model_file=models["dummy_prefix"])
-    tok = data.spm_to_tokenizer(models["dummy_prefix"], add_bos=False)
-    assert tok.encode("hello").tokens[0].startswith("▁")
-    # sentencepiece puts ▁ before the whole text; HF's Metaspace("first") matches that except when the text opens
-    # with whitespace (it adds none) or with an added token (it cannot reach before it): those are left out
+@pytest.mark.parametrize("name", ["dummy_prefix", "collapse", "collapse_dummy"])
+def test_normalizer_flags(models, name):
+    # add_dummy_prefix / remove_extra_whitespaces: ids equal sentencepiece's for any text without added tokens, and
+    # the slow tokenizer's (sp.encode per stretch between added tokens) for any text. Not whole-text sp.encode there:
+    # that puts the dummy ▁ before a leading added token and strips/collapses spaces across added tokens.
+    sp = spm.SentencePieceProcessor(model_file=models[name])
+    tok = data.spm_to_tokenizer(models[name], add_bos=False)
+    dummy = "dummy" in name
+    assert tok.encode("hello").tokens[0].startswith("▁") == dummy
     n = 0
-    for s in strings(seed=2):
-        if s and not s[0].isspace() and s[0] != "▁" and not s.startswith(tuple(SPECIAL)):
-            ids = tok.encode(s).ids
-            assert ids == sp.encode(s), (s, tok.encode(s).tokens, [sp.id_to_piece(i) for i in sp.encode(s)])
+    for s in strings(seed=2) + strings(100, seed=3):
+        ids, want = tok.encode(s).ids, chunked(sp, s)
+        assert ids == want, (s, tok.encode(s).tokens, [sp.id_to_piece(i) for i in want])
+        if not any(t in s for t in SPECIAL):
+            assert ids == sp.encode(s)
             if "▁" not in s:
-                assert tok.decode(ids, skip_special_tokens=False) == s
+                assert tok.decode(ids) == (s if name == "dummy_prefix" else sp.decode(ids))
             n += 1
     assert n >= 200
+    if name != "dummy_prefix":
+        # only " " is whitespace to sentencepiece (identity normalization): tab, newline, NBSP, U+3000 stay as they are
+        assert tok.encode("  a \t\t b  \n\n c\u00a0\u00a0d  ").tokens == \
+            (["▁a"] if dummy else ["a"]) + ["▁", "\t", "\t", "▁b", "▁", "<0x0A>", "<0x0A>", "▁c"] + \
+            ["<0xC2>", "<0xA0>"] * 2 + ["d"]
+        chat = "<|im_start|>user\n  Hello   world  <|im_end|>\n<|im_start|>assistant\n"
+        assert tok.encode(chat).ids == chunked(sp, chat) != sp.encode(chat)  # the difference documented in data.py
+        # each stretch's dummy ▁ decodes as a space; only the text's first is dropped
+        want = "user\n Hello world \n assistant\n" if dummy else "user\n Hello world\nassistant\n"
+        assert tok.decode(tok.encode(chat).ids) == want
 
 
 def test_load_tokenizer_folder(tmp_path):
@@ -122,7 +147,5 @@ def test_load_tokenizer_folder(tmp_path):
 def test_rejects_non_bpe(tmp_path):
     with pytest.raises(ValueError, match="not BPE"):
         data.spm_to_tokenizer(train(tmp_path / "unigram.model", model_type="unigram", vocab_size=400))
-    with pytest.raises(ValueError, match="remove_extra_whitespaces"):
-        data.spm_to_tokenizer(train(tmp_path / "collapse.model", remove_extra_whitespaces=True))
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         data.load_tokenizer(str(tmp_path))

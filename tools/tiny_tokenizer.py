@@ -49,16 +49,17 @@ IVL_CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in r
 IVL_SPECIAL = {95: "<img>", 96: "</img>", 97: "<IMG_CONTEXT>", 98: "<EXTRA_IMG_CONTEXT>"}
 
 
-def build_internvl(bos):
+def build_internvl(bos, extra):
+    special = {i: t for i, t in IVL_SPECIAL.items() if extra or t != "<EXTRA_IMG_CONTEXT>"}  # as InternVL2-8B: none
     tokens = IVL_HEAD + IVL_CHARS
-    tokens += [IVL_SPECIAL.get(i, f"<|reserved_{i}|>") for i in range(len(tokens), 100)]
+    tokens += [special.get(i, f"<|reserved_{i}|>") for i in range(len(tokens), 100)]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IVL_HEAD + list(IVL_SPECIAL.values())])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in IVL_HEAD + list(special.values())])
     if bos:  # InternLM2's tokenizer prepends <s>
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     assert tok.get_vocab_size(with_added_tokens=True) == 100
-    for i, t in list(enumerate(IVL_HEAD)) + list(IVL_SPECIAL.items()):
+    for i, t in list(enumerate(IVL_HEAD)) + list(special.items()):
         assert tok.token_to_id(t) == i, (t, i)
     return tok
 
@@ -67,7 +68,8 @@ if __name__ == "__main__":
     out_dir = sys.argv[1]
     config = json.load(open(os.path.join(out_dir, "config.json")))
     if "llm_config" in config:
-        tok = build_internvl(bos=config["llm_config"]["architectures"][0] == "InternLM2ForCausalLM")
+        tok = build_internvl(bos=config["llm_config"]["architectures"][0] == "InternLM2ForCausalLM",
+                             extra=config["architectures"][0] == "MPGUI")
     else:
         tok = build()
         check(tok)

@@ -1,0 +1,150 @@
+"""Folds a run's LoRA adapters (and its trained or new parts) into its base and writes a complete checkpoint folder
+in the official layout: sharded safetensors + index, config.json, tokenizer files, generation config.
+
+    python merge.py RUN OUT [--checkpoint RUN/checkpoints/step_N] [--device cpu] [--shard-gb 5]
+
+Before it reports success it loads OUT with the ordinary loader and checks, on a probe batch, that the merged
+model's logits equal the unmerged model's (base + adapters); OUT is what the next stage's config names as `base`.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+import lora
+import model as M
+
+TOL = 1e-4  # fp32; the merge itself is done in fp32 whatever the storage dtype
+
+
+def rebuild(run_cfg, state, device):
+    """The run's model exactly: base + new/trained tensors from the checkpoint + adapters (unmerged)."""
+    run = run_cfg["out"]
+    m = M.load_model(run_cfg["base"], dtype=torch.float32, device=device, mpgui=run_cfg["mpgui"],
+                     special_ids={"extra_token_id": M.special_token_id(run, "<EXTRA_IMG_CONTEXT>")})  # as trained
+    vocab = max((t.shape[0] for k, t in state.items() if k.endswith(("tok_embeddings.weight", "embed_tokens.weight"))),
+                default=m.cfg.vocab_size)
+    if vocab != m.cfg.vocab_size:
+        m.resize_vocab(vocab)
+    lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, run_cfg["lora_llm_r"], run_cfg["lora_llm_alpha"],
+                      run_cfg["lora_vit_r"], run_cfg["lora_vit_alpha"])
+    own = m.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"checkpoint tensors the rebuilt model lacks: {unknown[:5]}")
+    m.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    if m.cfg.arch == "mpgui":
+        m.cfg.mpgui_mode, m.cfg.gate_mask = "fusion", run_cfg["gate_mask"]
+    return m.eval()
+
+
+def probe(m, seed=0):
+    """A batch that exercises every path: two samples, one with an image (context + EXTRA tokens), random text."""
+    g = torch.Generator().manual_seed(seed)
+    c = m.cfg
+    special = torch.tensor([t for t in (c.image_token_id, c.extra_token_id) if t is not None])
+    text = lambda n: (lambda t: torch.where(torch.isin(t, special), 5, t))(  # ordinary tokens only
+        torch.randint(0, min(c.vocab_size, 1000), (n,), generator=g))
+    if c.arch in ("internvl", "mpgui"):
+        vision = dict(pixel_values=torch.randn(1, 3, c.vit_image_size, c.vit_image_size, generator=g))
+        img = torch.tensor([c.image_token_id] * c.num_image_token + [c.extra_token_id] * c.num_image_token *
+                           (c.arch == "mpgui"))
+    else:  # one 56-px image: 4 x 4 patches -> 4 tokens
+        vision = dict(pixel_values=torch.randn(16, 3 * c.vit_temporal_patch * c.vit_patch ** 2, generator=g),
+                      image_grid_thw=torch.tensor([[1, 4, 4]]))
+        img = torch.full((4,), c.image_token_id)
+    a = torch.cat([text(8), img, text(8)])
+    return torch.stack([a, text(len(a))]), vision
+
+
+def write(m, out, base_folder, run, shard_bytes):
+    """The official layout, written under OUT.tmp (renamed to OUT once checked: never half-written)."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
+    if m.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: the official files store the embedding only
+    dtype = json.load(open(os.path.join(base_folder, "config.json"))).get("torch_dtype", "bfloat16")
+    cast = getattr(torch, dtype) if isinstance(getattr(torch, str(dtype), None), torch.dtype) else torch.bfloat16
+    shards, size = [{}], 0
+    for k in sorted(sd):
+        t = sd[k].to(cast) if sd[k].is_floating_point() else sd[k]
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][k], size = t, size + t.nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, part in zip(names, shards):
+        save_file(part, os.path.join(tmp, name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.nbytes for p in shards for t in p.values())},
+             "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+    json.dump(index, open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
+    for f in glob.glob(os.path.join(base_folder, "*")):  # config, tokenizer, generation config, remote code
+        if not f.endswith((".safetensors", ".safetensors.index.json", ".bin")) and os.path.isfile(f):
+            shutil.copy(f, tmp)
+    cfg = json.load(open(os.path.join(tmp, "config.json")))
+    if m.cfg.arch in ("internvl", "mpgui"):
+        cfg["llm_config"]["vocab_size"] = m.cfg.vocab_size
+        if m.cfg.arch == "mpgui":  # the released flags: EXTRA from the fusion gate at inference
+            cfg.update(architectures=["MPGUI"], use_gate_layer=True, train_textual_perceiver=False,
+                       train_graphical_perceiver=False, train_spatial_perceiver=False, train_fusion_gate=False)
+    else:
+        (cfg["text_config"] if "text_config" in cfg else cfg)["vocab_size"] = m.cfg.vocab_size
+    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+    if os.path.exists(os.path.join(run, "tokenizer.json")):  # the tokenizer as trained, added tokens included
+        shutil.copy(os.path.join(run, "tokenizer.json"), tmp)
+        extra = {t["content"]: t["id"] for t in json.load(open(os.path.join(run, "tokenizer.json")))["added_tokens"]
+                 if t["content"] == "<EXTRA_IMG_CONTEXT>"}
+        path = os.path.join(tmp, "added_tokens.json")  # read by the SentencePiece (InternVL2) loaders
+        if extra and os.path.exists(path):
+            json.dump({**json.load(open(path)), **extra}, open(path, "w"), indent=2)
+    return tmp, cast
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run")
+    p.add_argument("out")
+    p.add_argument("--checkpoint", default="", help="default: the run's latest")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--shard-gb", type=float, default=5.0)
+    a = p.parse_args(argv)
+    run_cfg = {**json.load(open(os.path.join(a.run, "config.json"))), "out": a.run}  # the run may have moved
+    ckpt = a.checkpoint or max(glob.glob(os.path.join(a.run, "checkpoints", "step_*[0-9]")), default=None)
+    if not ckpt:
+        raise FileNotFoundError(f"{a.run}: no checkpoint to merge")
+    state = torch.load(os.path.join(ckpt, "trainable.pt"), map_location="cpu")
+    m = rebuild(run_cfg, state, a.device)
+    ids, vision = probe(m)
+    ids, vision = ids.to(a.device), {k: v.to(a.device) for k, v in vision.items()}
+    with torch.no_grad():
+        ref = m(ids, **vision)  # base + adapters, unmerged
+        lora.merge(m)
+        err = rel(m(ids, **vision), ref)  # the merge arithmetic itself, fp32
+    tmp, dtype = write(m, a.out, M.resolve(run_cfg["base"]), a.run, int(a.shard_gb * 2**30))
+    merged = M.load_model(tmp, dtype=torch.float32, device=a.device)  # the files, through the ordinary loader
+    if merged.cfg.arch == "mpgui":
+        merged.cfg.gate_mask = run_cfg["gate_mask"]
+    with torch.no_grad():
+        for p in m.parameters():  # what the files hold: the merged weights rounded to the base's storage dtype
+            p.copy_(p.to(dtype))
+        err_file = rel(merged(ids, **vision), m(ids, **vision))
+    print(f"merged {ckpt} -> {a.out}\n  probe logits, merged vs unmerged (fp32): max relative error {err:.2e}\n"
+          f"  probe logits, files ({str(dtype).replace('torch.', '')}) vs merged model: {err_file:.2e}")
+    if not (err <= TOL and err_file <= TOL):  # OUT stays as it was; the failed files stay in OUT.tmp to inspect
+        raise SystemExit(f"merge check failed: merged vs unmerged {err:.2e}, files vs merged {err_file:.2e}")
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.replace(tmp, a.out)
+    return err
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Supervised fine-tuning with LoRA and trainable parts, one code path from 1 process to N nodes.
+
+    python train.py configs/textual.json [--key=value ...]
+    torchrun --nproc_per_node 8 train.py configs/textual.json
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py CONFIG
+
+A run folder holds config.json (the resolved config), metrics.jsonl, and checkpoints/step_N (trainable weights,
+optimizer, scheduler, step, data position, RNG states), each written under a temporary name and then renamed; a
+run resumes from its latest checkpoint by itself. `python merge.py RUN OUT` folds the result into a checkpoint.
+"""
+import ast
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tokenizers import AddedToken
+
+import data
+import lora
+import model as M
+
+
+@dataclass
+class TrainConfig:
+    base: str = ""  # starting checkpoint: folder or hub id (a stage's base is the previous stage's merge)
+    meta: str = ""  # InternVL meta json: {name: {root, annotation, repeat_time, data_augment, max_dynamic_patch}}
+    out: str = "runs/run"  # run folder
+    mpgui: bool = False  # build MP-GUI (perceivers + gate) on the base, initialising the parts it lacks
+    mpgui_mode: str = "fusion"  # what fills EXTRA tokens: textual | graphical | spatial | fusion
+    gate_mask: str = "prompt_only"  # fusion-gate keys: prompt_only | official (answers leak in, as released)
+    init_parts: list = field(default_factory=list)  # MP-GUI parts re-initialised at this stage's start
+    train_parts: list = field(default_factory=list)  # module names trained in full (e.g. textual_perceiver)
+    lora_llm_r: int = 0  # LoRA rank on the language model (0 = none)
+    lora_llm_alpha: int = 0
+    lora_vit_r: int = 0  # LoRA rank on the vision tower (0 = none)
+    lora_vit_alpha: int = 0
+    lora_dropout: float = 0.05
+    lr: float = 1e-5  # peak learning rate of the LoRA adapters
+    lr_parts: float = 0.0  # peak learning rate of train_parts (0 = lr)
+    weight_decay: float = 0.01  # on every trainable tensor, as the official DeepSpeed optimizer does
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    schedule: str = "linear"  # decay after warmup: linear (the official DeepSpeed WarmupDecayLR) | cosine
+    grad_clip: float = 1.0
+    global_batch: int = 64  # samples per optimizer step, all ranks and accumulation steps together
+    micro_batch: int = 8  # samples per forward on one rank
+    epochs: float = 1.0
+    max_steps: int = 0  # stop after this many optimizer steps (0 = the epochs decide)
+    max_length: int = 4096  # longer samples are skipped and counted, never truncated
+    max_tiles: int = 6  # InternVL tiles per image (+ thumbnail); a dataset's max_dynamic_patch overrides it
+    drop_path: float = 0.1  # ViT stochastic depth (the official runs keep 0.1 on the frozen ViT)
+    bf16: bool = True  # bf16 compute (fp32 master weights, fp32 gradient reduction)
+    activation_checkpointing: bool = True
+    group_by_length: bool = True
+    num_workers: int = 4
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
+    resume: str = ""  # a checkpoint folder to resume from ("" = the run's latest, if any)
+    dist_timeout_min: int = 30
+
+
+def load_config(path, overrides=()):
+    """A JSON file filled into TrainConfig, then --key=value overrides; unknown keys are errors."""
+    with open(path) as f:
+        raw = json.load(f)
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for k in raw:
+        if k not in names and not k.startswith("_"):  # "_comment" style keys document a config
+            raise KeyError(f"{path}: unknown config key {k!r}")
+    cfg = TrainConfig(**{k: v for k, v in raw.items() if k in names})
+    for o in overrides:
+        if not o.startswith("--") or "=" not in o:
+            raise ValueError(f"override {o!r} is not --key=value")
+        k, v = o[2:].split("=", 1)
+        if k not in names:
+            raise KeyError(f"unknown config key {k!r} in override {o!r}")
+        try:
+            v = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        default = getattr(cfg, k)
+        if isinstance(default, bool) or not isinstance(v, type(default)) and not (
+                isinstance(default, float) and isinstance(v, int)):
+            if not (isinstance(default, bool) and isinstance(v, bool)):
+                raise TypeError(f"override {o!r}: expected {type(default).__name__}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model: parts, LoRA, FSDP2
+
+
+def build_model(cfg, tok, device):
+    m = M.load_model(cfg.base, dtype=torch.float32, mpgui=cfg.mpgui)  # fp32 master weights
+    base_vocab = m.cfg.vocab_size
+    if m.cfg.arch == "mpgui":
+        extra = tok.token_to_id("<EXTRA_IMG_CONTEXT>")
+        if extra is None:  # InternVL2-8B has every InternVL token but this one
+            tok.add_special_tokens([AddedToken("<EXTRA_IMG_CONTEXT>", special=True, normalized=False)])
+            extra = tok.token_to_id("<EXTRA_IMG_CONTEXT>")
+        if extra >= m.cfg.vocab_size:
+            m.resize_vocab(extra + 1)
+        m.cfg.extra_token_id, m.cfg.mpgui_mode, m.cfg.gate_mask = extra, cfg.mpgui_mode, cfg.gate_mask
+        for name in cfg.init_parts:
+            m.init_part(name)
+    for i, layer in enumerate(getattr(m, "vision_model", None) and m.vision_model.encoder.layers or []):
+        layer.drop = cfg.drop_path * i / max(len(m.vision_model.encoder.layers) - 1, 1)
+    m.requires_grad_(False)
+    lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, cfg.lora_llm_r, cfg.lora_llm_alpha, cfg.lora_vit_r,
+                      cfg.lora_vit_alpha, cfg.lora_dropout)
+    for _, layer in lora.lora_layers(m):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    for name in cfg.train_parts:
+        m.get_submodule(name).requires_grad_(True)
+    # what the base checkpoint does not hold: saved with every checkpoint so merge.py can rebuild the run exactly
+    m.new_tensors = [n for n, _ in m.named_parameters() if n.split(".")[0] in m.initialised + cfg.init_parts]
+    if m.cfg.vocab_size != base_vocab:
+        m.new_tensors += [n for n, p in m.named_parameters() if p.shape[0] == m.cfg.vocab_size and p.dim() == 2]
+    for mod in m.modules():
+        if isinstance(mod, M.Block):
+            mod.checkpointing = cfg.activation_checkpointing
+    return m.to(device)
+
+
+def shard(m, cfg, device):
+    """FSDP2: each decoder block, the vision tower as one unit, then the root (torchtitan's order)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, reduce_dtype=torch.float32)
+    for layer in m.decoder.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(m.vision_model if hasattr(m, "vision_model") else m.visual, mesh=mesh, mp_policy=mp)
+    fully_shard(m, mesh=mesh, mp_policy=mp)
+    return m
+
+
+def flops_per_token(m, cfg):
+    """Training FLOPs per token: 6N for trained weights (forward, input and weight gradients), 4N for frozen ones
+    (no weight gradient), + 2N for activation recompute, + attention 12 * layers * hidden * seq (PaLM)."""
+    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad) - m.cfg.vocab_size * m.cfg.hidden_size
+    recompute = 2 * (trained + frozen) if cfg.activation_checkpointing else 0
+    return 6 * trained + 4 * frozen + recompute + 12 * m.cfg.num_layers * m.cfg.hidden_size * cfg.max_length // 2
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints: trainable weights + optimizer + scheduler + step + data position + RNG, atomic
+
+
+def save_checkpoint(run, m, opt, sched, step, position, rank):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, opt_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.new_tensors)
+    rng = [random.getstate(), np.random.get_state(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None]
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        final = os.path.join(run, "checkpoints", f"step_{step:07d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save({k: v for k, v in model_sd.items() if k in names}, os.path.join(tmp, "trainable.pt"))
+        torch.save(dict(optimizer=opt_sd, scheduler=sched.state_dict(), step=step, position=position, rng=rngs),
+                   os.path.join(tmp, "state.pt"))
+        os.replace(tmp, final)  # a checkpoint exists whole or not at all
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def latest_checkpoint(run):
+    folder = os.path.join(run, "checkpoints")
+    done = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) \
+        if os.path.isdir(folder) else []
+    return os.path.join(folder, done[-1]) if done else None
+
+
+def load_checkpoint(path, m, opt, sched, rank):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    weights = torch.load(os.path.join(path, "trainable.pt"), weights_only=False)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    set_state_dict(m, opt, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    sched.load_state_dict(state["scheduler"])
+    py, npy, cpu, cuda = state["rng"][rank]
+    random.setstate(py), np.random.set_state(npy), torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return state["step"], state["position"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def lr_lambda(cfg, total):
+    warm = math.ceil(cfg.warmup_ratio * total)
+
+    def f(step):  # step counts optimizer steps taken so far
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(total - warm, 1)
+        return max(0.0, 1 - t) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def step_order(n, cfg, lengths, world, epoch):
+    """The global order of sample indices for one epoch: seeded; length-grouped within megabatches."""
+    mega = cfg.global_batch
+    if cfg.group_by_length:
+        return data.length_grouped_indices(lengths, mega, cfg.seed + epoch)
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def main(argv):
+    if not argv:
+        sys.exit(__doc__)
+    cfg = load_config(argv[0], argv[1:])
+    distributed = "RANK" in os.environ
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        import datetime
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "
+                         f"({cfg.micro_batch} x {world})")
+    accum = cfg.global_batch // (cfg.micro_batch * world)
+
+    folder = M.resolve(cfg.base)
+    tok = data.load_tokenizer(folder)
+    m = build_model(cfg, tok, device)
+    if rank == 0:  # the resolved config and the tokenizer as trained (with any added token) live in the run
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        tok.save(os.path.join(cfg.out, "tokenizer.json"))
+        print(json.dumps(dataclasses.asdict(cfg)))
+    internvl = m.cfg.arch in ("internvl", "mpgui")
+    if not internvl:
+        raise NotImplementedError("train.py reads InternVL meta json; Qwen data formats come with their recipes")
+    ds = data.InternVLDataset(cfg.meta, tok, m.cfg.template, m.cfg.num_image_token, m.cfg.vit_image_size,
+                              cfg.max_tiles, cfg.max_length, "<EXTRA_IMG_CONTEXT>" if m.cfg.arch == "mpgui" else None)
+    for file, line, reason in ds.skipped if rank == 0 else []:
+        print(f"skip {file}:{line}: {reason}")
+    pad = m.cfg.pad_token_id
+    steps_per_epoch = len(ds) // cfg.global_batch
+    total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
+    params = [p for p in m.parameters() if p.requires_grad]
+    if distributed:
+        m = shard(m, cfg, device)
+        params = [p for p in m.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in m.named_parameters()}
+    lora_p = [p for p in params if names[id(p)].endswith(("lora_A", "lora_B"))]
+    part_p = [p for p in params if not names[id(p)].endswith(("lora_A", "lora_B"))]
+    groups = [g for g in (dict(params=lora_p, lr=cfg.lr), dict(params=part_p, lr=cfg.lr_parts or cfg.lr)) if g["params"]]
+    opt = torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
+                            foreach=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+    step, position = 0, 0
+    ckpt = cfg.resume or latest_checkpoint(cfg.out)
+    if ckpt:
+        step, position = load_checkpoint(ckpt, m, opt, sched, rank)
+        if rank == 0:
+            print(f"resumed from {ckpt}: step {step}, sample {position}")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and not distributed)  # FSDP2 casts itself
+    fpt = flops_per_token(m, cfg)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.out))
+    epoch, order = None, None
+    m.train()
+    while step < total:
+        t0 = time.time()
+        if epoch != position // len(ds):
+            epoch = position // len(ds)
+            order = step_order(len(ds), cfg, ds.lengths, world, epoch)
+        start = position % len(ds)
+        batch_idx = order[start:start + cfg.global_batch]
+        if len(batch_idx) < cfg.global_batch:  # an epoch's ragged tail is dropped: every step sees a full batch
+            position += len(ds) - start
+            continue
+        mine = [batch_idx[(a * world + rank) * cfg.micro_batch:(a * world + rank + 1) * cfg.micro_batch]
+                for a in range(accum)]
+        micro = [data.collate([ds[i] for i in idx], pad) for idx in mine]
+        skipped = [s for b in micro for s in b["skipped"]]
+        n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"]
+                                       is not None)), device=device)
+        if distributed:
+            dist.all_reduce(n_tok)
+        loss_sum = torch.zeros((), device=device)
+        for b in micro:
+            if b["input_ids"] is None:
+                continue
+            ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+            px = b["pixel_values"]  # zero tiles for a text-only batch: every rank still runs every FSDP unit
+            px = px if px is not None else torch.zeros(0, 3, m.cfg.vit_image_size, m.cfg.vit_image_size)
+            vision = {"pixel_values": px.to(device)}
+            with autocast:
+                logits = m(ids, b["attention_mask"].to(device), labels=labels, **vision)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+            (loss / n_tok.clamp(min=1) * world).backward()  # FSDP averages over ranks: world * mean = global sum
+            loss_sum += loss.detach()
+        if distributed:
+            dist.all_reduce(loss_sum)
+        loss_val = (loss_sum / n_tok.clamp(min=1)).item()
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"non-finite loss {loss_val} at step {step + 1}; the last good checkpoint is "
+                                     f"{latest_checkpoint(cfg.out)}")
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        position += cfg.global_batch
+        dt = time.time() - t0
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["input_ids"] is not None) * world
+        rec = dict(step=step, loss=loss_val, lr=sched.get_last_lr()[0], grad_norm=float(norm), tokens=tokens,
+                   tok_per_s=tokens / dt, mfu=fpt * tokens / dt / (peak * world) if peak else None,
+                   peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                   skipped=len(skipped))
+        if rank == 0:
+            for file, line, reason in skipped:
+                print(f"skip {file}:{line}: {reason}")
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+                                **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
+        bar.update(1)
+        if step == total or (cfg.save_every and step % cfg.save_every == 0):
+            save_checkpoint(cfg.out, m, opt, sched, step, position, rank)
+    bar.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
