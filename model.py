@@ -840,6 +840,12 @@ class MPGUI(InternVL):
         if pixel_values is None:
             return self.splice(self.splice(self.tokens(input_ids), input_ids, None), input_ids, None,
                                self.cfg.extra_token_id)
+        ctx = (input_ids == self.cfg.image_token_id).sum(1)
+        ext = (input_ids == self.cfg.extra_token_id).sum(1)  # per sample: whole tiles, one EXTRA per context token
+        if bool((ctx % self.cfg.num_image_token).any()) or not torch.equal(ctx, ext) or \
+                int(ctx.sum()) != len(pixel_values) * self.cfg.num_image_token:
+            raise ValueError(f"per sample {ctx.tolist()} context and {ext.tolist()} EXTRA tokens do not make whole "
+                             f"tiles of {self.cfg.num_image_token} for the {len(pixel_values)} tiles given")
         clues = self.visual_clues(pixel_values)  # (T, n, 4 * vit_hidden), T tiles of the whole batch
         vit = self.mlp1(clues)  # (T, n, C)
         x = self.splice(self.tokens(input_ids), input_ids, vit.flatten(0, 1))

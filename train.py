@@ -246,6 +246,8 @@ def main(argv):
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # small weights underflow into denormals, which CPUs process ~10-100x slower; GPUs flush them anyway
+        torch.set_flush_denormal(True)
     random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "

@@ -1,0 +1,293 @@
+"""A synthetic GUI world: deterministic screens drawn with PIL from a seed, every element's box, type, text and
+parent recorded, and the MP-GUI stage datasets (InternVL meta json + jsonl) and ShowUI grounding metadata made from
+them, with a held-out evaluation split. Boxes are 0-1000 integers (xyxy, normalised by width and height), as in the
+official data.
+
+The world is small on purpose (a 4 x 4 layout grid, six colours, four glyphs, eight words) so that a model of a few
+million parameters learns it on a CPU in minutes: `python demo.py` trains the five MP-GUI stages on it.
+"""
+import json
+import os
+import random
+
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
+          "purple": (140, 50, 170), "orange": (240, 130, 20)}
+GLYPHS = ["circle", "square", "triangle", "cross"]
+WORDS = ["home", "mail", "save", "send", "back", "menu", "next", "done"]
+GRID = 4  # layout cells per side
+RELATIONS = ["sibling", "contains", "inside", "no containment", "unrelated"]  # the five official SRP types
+
+
+def cell_box(r, c, w, h, rows=1, cols=1, pad=0.08):
+    """Pixel box of a block of layout cells, shrunk by a margin."""
+    cw, ch = w / GRID, h / GRID
+    return (round((c + pad) * cw), round((r + pad) * ch), round((c + cols - pad) * cw), round((r + rows - pad) * ch))
+
+
+def norm(box, w, h):  # pixels -> 0-1000 integers
+    return [int(box[0] * 1000 / w), int(box[1] * 1000 / h), int(box[2] * 1000 / w), int(box[3] * 1000 / h)]
+
+
+def draw_glyph(d, box, glyph, fill):
+    x1, y1, x2, y2 = box
+    s = min(x2 - x1, y2 - y1)
+    cx, cy, r = (x1 + x2) / 2, (y1 + y2) / 2, s * 0.42
+    if glyph == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif glyph == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif glyph == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        d.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=fill)
+        d.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=fill)
+
+
+def draw_word(d, box, word, fill):
+    """Words as fat bar codes: one bar per letter, its height set by the letter, so each word has its own shape that
+    a 14-px-patch ViT can tell apart (real glyphs would be unreadable at the demo's resolution)."""
+    x1, y1, x2, y2 = box
+    step = (x2 - x1) / (len(word) + 1)
+    for i, ch in enumerate(word):
+        top = y1 + (y2 - y1) * (0.1 + 0.6 * ((ord(ch) - 97) % 7) / 6)
+        d.rectangle([x1 + step * (i + 0.6), top, x1 + step * (i + 1.2), y2 - 1], fill=fill)
+
+
+def make_screen(seed, kind=None):
+    """One screen: (PIL image, elements). An element is {id, type (toolbar, card, button, icon, text), box (0-1000),
+    text, color, glyph, parent (id or None), clickable}. Phone screens are tall, desktop screens wide."""
+    rng = random.Random(seed)
+    kind = kind or rng.choice(["phone", "desktop"])
+    w, h = (180, 320) if kind == "phone" else (320, 180)
+    img = Image.new("RGB", (w, h), (245, 246, 248))
+    d = ImageDraw.Draw(img)
+    free = {(r, c) for r in range(1, GRID) for c in range(GRID)}
+    els = []
+
+    def add(type_, box, parent=None, **kw):
+        els.append(dict(id=len(els), type=type_, box=norm(box, w, h), parent=parent, text=kw.get("text"),
+                        color=kw.get("color"), glyph=kw.get("glyph"), clickable=type_ in ("button", "icon")))
+        return len(els) - 1
+
+    bar = add("toolbar", cell_box(0, 0, w, h, cols=GRID, pad=0.02))  # row 0: a toolbar with two icons
+    d.rectangle(cell_box(0, 0, w, h, cols=GRID, pad=0.02), fill=(60, 60, 70))
+    for c in rng.sample(range(GRID), 2):
+        color, glyph = rng.choice(list(COLORS)), rng.choice(GLYPHS)
+        draw_glyph(d, cell_box(0, c, w, h), glyph, COLORS[color])
+        add("icon", cell_box(0, c, w, h), bar, color=color, glyph=glyph)
+    if rng.random() < 0.7:  # a 2 x 2 card holding a button and an icon
+        r, c = rng.choice([(1, 0), (1, 2), (2, 0), (2, 2)])
+        card = add("card", cell_box(r, c, w, h, 2, 2, pad=0.03))
+        d.rectangle(cell_box(r, c, w, h, 2, 2, pad=0.03), fill="white", outline=(150, 150, 150), width=2)
+        cells = [(r, c), (r, c + 1), (r + 1, c), (r + 1, c + 1)]
+        free -= set(cells)
+        (br, bc), (ir, ic) = rng.sample(cells, 2)
+        color, word = rng.choice(list(COLORS)), rng.choice(WORDS)
+        d.rectangle(cell_box(br, bc, w, h), fill=COLORS[color])
+        draw_word(d, cell_box(br, bc, w, h, pad=0.2), word, "white")
+        add("button", cell_box(br, bc, w, h), card, text=word, color=color)
+        color, glyph = rng.choice(list(COLORS)), rng.choice(GLYPHS)
+        draw_glyph(d, cell_box(ir, ic, w, h), glyph, COLORS[color])
+        add("icon", cell_box(ir, ic, w, h), card, color=color, glyph=glyph)
+    for (r, c) in rng.sample(sorted(free), min(len(free), rng.randint(3, 5))):  # loose texts, buttons, icons
+        kind_ = rng.choice(["text", "button", "icon"])
+        color = rng.choice(list(COLORS))
+        if kind_ == "icon":
+            glyph = rng.choice(GLYPHS)
+            draw_glyph(d, cell_box(r, c, w, h), glyph, COLORS[color])
+            add("icon", cell_box(r, c, w, h), color=color, glyph=glyph)
+        else:
+            word = rng.choice(WORDS)
+            if kind_ == "button":
+                d.rectangle(cell_box(r, c, w, h), fill=COLORS[color])
+            draw_word(d, cell_box(r, c, w, h, pad=0.2), word, "white" if kind_ == "button" else (30, 30, 30))
+            add(kind_, cell_box(r, c, w, h), text=word, color=color if kind_ == "button" else None)
+    return img, els
+
+
+def name(e):
+    """How the prompts refer to an element."""
+    if e["type"] == "icon":
+        return f"{e['color']} {e['glyph']} icon"
+    if e["type"] == "button":
+        return f"{e['color']} {e['text']} button"
+    return f"text {e['text']}" if e["type"] == "text" else e["type"]
+
+
+def relation(a, b):
+    """The relation of two elements, the five official types (no containment = a box that encloses without being
+    the parent; synthetic negatives are not needed here, the cards' neighbours provide them)."""
+    inside = lambda x, y: x["box"][0] >= y["box"][0] and x["box"][1] >= y["box"][1] and \
+        x["box"][2] <= y["box"][2] and x["box"][3] <= y["box"][3]
+    if a["parent"] is not None and a["parent"] == b["parent"]:
+        return "sibling"
+    if b["parent"] == a["id"]:
+        return "contains"
+    if a["parent"] == b["id"]:
+        return "inside"
+    if inside(b, a) or inside(a, b):
+        return "no containment"
+    return "unrelated"
+
+
+def box_text(box):
+    return f"[[{box[0]}, {box[1]}, {box[2]}, {box[3]}]]"
+
+
+def conv(q, a):
+    return [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
+
+
+def samples(img_path, els, rng):
+    """Every task's question/answer pairs for one screen, keyed by task."""
+    leaves = [e for e in els if e["type"] in ("button", "icon", "text")]
+    words = [e for e in els if e["text"]]
+    icons = [e for e in els if e["type"] == "icon"]
+    out = {k: [] for k in ("text2bbox", "bbox2text", "icon_grounding", "relation", "qa", "tappable", "refexp")}
+    unique = lambda e, pool: sum(name(x) == name(e) for x in pool) == 1
+    for e in words:
+        out["bbox2text"].append(conv(f"What text is in {box_text(e['box'])}?", e["text"]))
+        if sum(x["text"] == e["text"] for x in words) == 1:
+            out["text2bbox"].append(conv(f"Where is the text \"{e['text']}\"?", box_text(e["box"])))
+    for e in icons:
+        if unique(e, icons):
+            out["icon_grounding"].append(conv(f"Give the bounding box of the {e['color']} {e['glyph']}.",
+                                              box_text(e["box"])))
+    pairs = [(a, b) for a in els for b in els if a is not b]
+    rng.shuffle(pairs)
+    by_type = {}
+    for a, b in pairs:  # balanced over the five types as far as the screen allows
+        by_type.setdefault(relation(a, b), []).append((a, b))
+    for rel, ab in by_type.items():
+        for a, b in ab[:2]:
+            out["relation"].append(conv(f"What is the relationship between the elements at {box_text(a['box'])} "
+                                        f"and {box_text(b['box'])}?", rel))
+    for e in leaves:
+        out["tappable"].append(conv(f"Whether the element within the selected area {box_text(e['box'])} is "
+                                    "clickable? If clickable, output 0. otherwise output 1.",
+                                    "0" if e["clickable"] else "1"))
+        if e["color"]:
+            out["qa"].append(conv(f"What color is the element at {box_text(e['box'])}?", e["color"]))
+        if unique(e, leaves):
+            out["refexp"].append(conv(f"Please provide the bounding box coordinate of the region this sentence "
+                                      f"describes: <ref>{name(e)}</ref>", box_text(e["box"])))
+    return {k: [dict(image=img_path, conversations=c) for c in v] for k, v in out.items()}
+
+
+STAGES = {  # which tasks each MP-GUI stage trains on
+    "textual": ["text2bbox", "bbox2text"],
+    "graphical": ["icon_grounding"],
+    "spatial": ["relation"],
+    "fusion": ["text2bbox", "bbox2text", "icon_grounding", "relation", "qa"],
+    "benchmark": ["qa", "tappable", "refexp"],
+}
+
+
+def build(out, n_train=600, n_eval=100, seed=0):
+    """Writes out/images, one jsonl per (split, task), one meta json per stage (train), the eval meta, and ShowUI
+    grounding metadata (out/showui/metadata.json). Returns {stage: meta path, "eval": meta path}."""
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rows = {}
+    for split, n, base in (("train", n_train, seed * 100003), ("eval", n_eval, seed * 100003 + 10 ** 6)):
+        rng = random.Random(base)
+        showui = []
+        for i in range(n):
+            img, els = make_screen(base + i)
+            rel = f"images/{split}_{i}.png"
+            img.save(os.path.join(out, rel))
+            for task, items in samples(rel, els, rng).items():
+                for it in items:
+                    rows.setdefault((split, task), []).append(dict(it, width=img.width, height=img.height))
+            showui.append(dict(img_url=rel, img_size=[img.width, img.height], element_size=len(els), element=[
+                dict(instruction=name(e), bbox=[v / 1000 for v in e["box"]], data_type="text" if e["text"] else "icon",
+                     point=[(e["box"][0] + e["box"][2]) / 2000, (e["box"][1] + e["box"][3]) / 2000])
+                for e in els if e["type"] in ("button", "icon", "text")]))
+        os.makedirs(os.path.join(out, "showui"), exist_ok=True)
+        json.dump(showui, open(os.path.join(out, "showui", f"{split}.json"), "w"))
+    for (split, task), items in rows.items():
+        with open(os.path.join(out, f"{split}_{task}.jsonl"), "w") as f:
+            f.writelines(json.dumps(dict(it, id=k)) + "\n" for k, it in enumerate(items))
+    metas = {}
+    for stage, tasks in list(STAGES.items()) + [("eval", sorted({t for ts in STAGES.values() for t in ts}))]:
+        split = "eval" if stage == "eval" else "train"
+        meta = {t: dict(root=out, annotation=os.path.join(out, f"{split}_{t}.jsonl"), data_augment=False,
+                        repeat_time=1, length=str(len(rows[(split, t)]))) for t in tasks}
+        metas[stage] = os.path.join(out, f"meta_{stage}.json")
+        json.dump(meta, open(metas[stage], "w"), indent=1)
+    return metas
+
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>",
+           "</quad>", "<ref>", "</ref>", "<box>", "</box>"]  # InternVL2's tokens (no <EXTRA_IMG_CONTEXT>: stage 1 adds it)
+
+
+def write_tiny_model(folder, texts, vit=(64, 2, 2, 128), llm=(128, 4, 4, 2, 344), seed=0):
+    """A random-init InternVL2-layout checkpoint (InternViT + InternLM2 shapes, 112-px tiles, 16 tokens per tile)
+    and a byte-level BPE tokenizer.json trained on `texts`, so the demo runs through the loaders real checkpoints
+    use. vit = (hidden, layers, heads, mlp); llm = (hidden, layers, heads, kv heads, ffn)."""
+    os.makedirs(folder, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # InternLM2 BOS
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    (vh, vl, vhd, vm), (h, n, hd, kv, ffn) = vit, llm
+    cfg = dict(architectures=["InternVLChatModel"], model_type="internvl_chat", torch_dtype="float32",
+               template="internlm2-chat", downsample_ratio=0.5, select_layer=-1, ps_version="v2", force_image_size=112,
+               dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=1,
+               tie_word_embeddings=False,
+               vision_config=dict(architectures=["InternVisionModel"], hidden_size=vh, num_hidden_layers=vl,
+                                  num_attention_heads=vhd, intermediate_size=vm, image_size=112, patch_size=14,
+                                  qkv_bias=True, qk_normalization=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+                                  hidden_act="gelu", drop_path_rate=0.0),
+               llm_config=dict(architectures=["InternLM2ForCausalLM"], vocab_size=tok.get_vocab_size(), hidden_size=h,
+                               intermediate_size=ffn, num_hidden_layers=n, num_attention_heads=hd,
+                               num_key_value_heads=kv, max_position_embeddings=2048, rms_norm_eps=1e-5, bias=False,
+                               rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                               tie_word_embeddings=False))
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"), indent=1)
+    import model as M  # built from the same config a loader reads, then every tensor drawn at random
+    with torch.device("meta"):
+        m = M.InternVL(M.config_from_hf(cfg))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, p in m.state_dict().items():
+        if k.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ls1", "ls2", "mlp1.0.weight",
+                       "attention_norm.weight", "ffn_norm.weight")):
+            state[k] = torch.ones(p.shape)
+        elif k.endswith("bias"):
+            state[k] = torch.zeros(p.shape)
+        else:
+            state[k] = torch.randn(p.shape, generator=g) * 0.02
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    return folder
+
+
+def corpus(out):
+    """Every text the world's jsonl files hold, plus the template's system message weighted so BPE merges it."""
+    import data  # the template text only
+    texts = [data.TEMPLATES["internlm2-chat"]["system_message"]] * 2000
+    for f in sorted(os.listdir(out)):
+        if f.endswith(".jsonl"):
+            for line in open(os.path.join(out, f)):
+                texts += [t["value"] for t in json.loads(line)["conversations"]]
+    return texts
+
+
+if __name__ == "__main__":
+    import sys
+    out = sys.argv[1] if len(sys.argv) > 1 else "demo"
+    n_train, n_eval = (int(v) for v in (sys.argv[2:4] if len(sys.argv) > 3 else (600, 100)))
+    build(os.path.join(out, "data"), n_train, n_eval)
+    write_tiny_model(os.path.join(out, "base"), corpus(os.path.join(out, "data")), vit=(96, 2, 3, 192),
+                     llm=(192, 4, 4, 2, 512))
+    print(f"wrote {out}/data (world: {n_train} train / {n_eval} eval screens) and {out}/base (tiny InternVL2)")
