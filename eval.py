@@ -1,52 +1,127 @@
-"""Greedy generation from a checkpoint folder (or hub id): screenshots + a prompt in, the model's answer out.
+"""Evaluation: greedy generation from a checkpoint folder (or hub id), for one prompt or a whole benchmark, and the
+scorers of the GUI benchmarks the seed systems report.
 
     python eval.py --model tests/fixtures/qwen2_vl_tiny --image examples/screen.png --prompt "Where is Save?"
+    python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
 """
 import argparse
+import ast
+import json
+import math
+import os
+import re
+import string
 import time
+from collections import Counter
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import data
 import model as M
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dataset name (meta key, lower case) -> scorer; --task NAME=SCORER overrides. MP-GUI's benchmark names, then the
+# synthetic world's tasks.
+TASKS = {"re": "box", "tp": "tap", "qa": "rouge", "qas": "squad", "cqa": "squad", "ws": "squad", "wc": "cider",
+         "s2w": "cider", "refexp": "box", "text2bbox": "box", "icon_grounding": "box", "tappable": "tap",
+         "relation": "match", "bbox2text": "match", "color_qa": "match"}
 
 
-def encode(m, tok, prompt, images, a):
-    """Token ids (T,) and the vision inputs for one prompt; every image becomes an <image> placeholder ahead of it:
-    Qwen images at the --min/--max-pixels budget, InternVL images as up to --max-tiles 448-px tiles."""
-    if m.cfg.arch == "internvl":
-        tiles = [data.internvl_tiles(im, a.max_tiles, m.cfg.vit_image_size) for im in images]
-        conv = [{"from": "human", "value": "<image>\n" * len(images) + prompt}]
-        enc = data.encode_internvl(tok, conv, m.cfg.template, [len(t) for t in tiles], m.cfg.num_image_token,
-                                   system=a.system)
+def encode(m, tok, question, images, a, max_tiles=None):
+    """Prompt token ids (T,) and vision inputs for one question; images without an <image> placeholder go ahead of
+    it. Qwen images at the --min/--max-pixels budget; InternVL / MP-GUI images as up to max_tiles tiles."""
+    if m.cfg.arch in ("internvl", "mpgui"):
+        tiles = [data.internvl_tiles(im, max_tiles or a.max_tiles, m.cfg.vit_image_size) for im in images]
+        enc = data.encode_internvl(tok, [{"from": "human", "value": question}], m.cfg.template,
+                                   [len(t) for t in tiles], m.cfg.num_image_token,
+                                   "<EXTRA_IMG_CONTEXT>" if m.cfg.arch == "mpgui" else None, a.system)
         return enc["input_ids"], (dict(pixel_values=torch.cat(tiles)) if tiles else {})
     system = "You are a helpful assistant." if a.system is None else None if a.system.lower() == "none" else a.system
-    content = "<image>" * len(images) + prompt
-    enc = data.encode_qwen(tok, [{"role": "user", "content": content}], images, a.min_pixels, a.max_pixels, system)
-    vision = dict(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"]) if images else {}
-    return enc["input_ids"], vision
+    question = question if "<image>" in question else "<image>" * len(images) + question
+    enc = data.encode_qwen(tok, [{"role": "user", "content": question}], images, a.min_pixels, a.max_pixels, system)
+    return enc["input_ids"], (dict(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+                              if images else {})
 
 
-def answer(m, tok, prompt, images, a):
-    """One greedy answer for one prompt, cut at the end-of-turn token."""
-    ids, vision = encode(m, tok, prompt, images, a)
-    device = next(m.parameters()).device
-    ids, vision = ids[None].to(device), {k: v.to(device) for k, v in vision.items()}
-    eos = [i for i in (tok.token_to_id("<|im_end|>"),) if i is not None] or None  # the end-of-turn token
-    out = m.generate(ids, None, max_new_tokens=a.max_new_tokens, eos_token_ids=eos, **vision)[0].tolist()
-    if eos and eos[0] in out:
-        out = out[:out.index(eos[0])]
-    return tok.decode(out, skip_special_tokens=True), ids.shape[1], len(out)
+def answer_batch(m, tok, prompts, a):
+    """Greedy answers for [(question, images, max_tiles)], batched with left padding, cut at the end-of-turn."""
+    encs = [encode(m, tok, q, ims, a, tiles) for q, ims, tiles in prompts]
+    T, device = max(len(ids) for ids, _ in encs), next(m.parameters()).device
+    ids = torch.full((len(encs), T), m.cfg.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(encs), T, dtype=torch.long)
+    for i, (x, _) in enumerate(encs):
+        ids[i, T - len(x):], mask[i, T - len(x):] = x, 1
+    vision = {k: torch.cat([v[k] for _, v in encs if k in v]).to(device) for k in ("pixel_values", "image_grid_thw")
+              if any(k in v for _, v in encs)}
+    eos = tok.token_to_id("<|im_end|>")
+    out = m.generate(ids.to(device), mask.to(device), max_new_tokens=a.max_new_tokens,
+                     eos_token_ids=[eos] if eos is not None else None, **vision).tolist()
+    return [tok.decode(o[:o.index(eos)] if eos in o else o, skip_special_tokens=True).strip() for o in out], T
+
+
+def score(kind, preds, golds):
+    if kind == "box":
+        return refexp_scores([(parse_box(p), parse_box(g)) for p, g in zip(preds, golds)])
+    if kind == "tap":
+        return binary_f1([p.strip() for p in preds], [g.strip() for g in golds], positive="0")
+    if kind == "squad":
+        return dict(em=sum(squad_em(p, [g]) for p, g in zip(preds, golds)) / len(golds),
+                    f1=sum(squad_f1(p, [g]) for p, g in zip(preds, golds)) / len(golds))
+    if kind == "rouge":
+        return dict(rouge_l=sum(rouge_l(p, g) for p, g in zip(preds, golds)) / len(golds))
+    if kind == "cider":  # PTB-style: lower case, punctuation dropped
+        tok = lambda s: " ".join(re.sub(r"[^\w\s]", " ", s.lower()).split())
+        return dict(cider_d=cider_d({i: tok(p) for i, p in enumerate(preds)},
+                                    {i: [tok(g)] for i, g in enumerate(golds)})[0])
+    if kind == "match":
+        return dict(accuracy=sum(normalize_answer(p) == normalize_answer(g) for p, g in zip(preds, golds)) / len(golds))
+    raise ValueError(f"unknown scorer {kind!r}")
+
+
+def evaluate(m, tok, a):
+    """Every dataset of a meta json: predictions jsonl + summary json (scores beside the majority-answer baseline,
+    i.e. the score of always giving the most common gold answer, and the settings that produced them)."""
+    tasks = {**TASKS, **dict(t.split("=") for t in a.task)}
+    os.makedirs(a.out, exist_ok=True)
+    summary = dict(model=m.folder, arch=m.cfg.arch, template=m.cfg.template or "chatml", padding="left",
+                   decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>", system=a.system,
+                   images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.arch != "qwen2_vl" and m.cfg.arch !=
+                   "qwen2_5_vl" else f"{a.min_pixels}..{a.max_pixels} pixels", datasets={})
+    with open(os.path.join(a.out, "predictions.jsonl"), "w") as out:
+        for spec in data.read_meta(a.data):
+            kind = tasks.get(spec["name"].lower())
+            if kind is None:
+                raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
+            lines = [json.loads(l) for l in open(spec["annotation"]) if l.strip()][:a.limit or None]
+            preds, golds = [], [l["conversations"][1]["value"] for l in lines]
+            for i in tqdm(range(0, len(lines), a.batch_size), desc=spec["name"]):
+                chunk = lines[i:i + a.batch_size]
+                prompts = [(l["conversations"][0]["value"], [Image.open(os.path.join(spec["root"], p)).convert("RGB")
+                            for p in ([l["image"]] if isinstance(l.get("image"), str) else l.get("image", []))],
+                            spec["max_dynamic_patch"]) for l in chunk]
+                preds += answer_batch(m, tok, prompts, a)[0]
+            for l, p in zip(lines, preds):
+                out.write(json.dumps(dict(dataset=spec["name"], id=l.get("id"), question=l["conversations"][0]
+                                          ["value"], answer=l["conversations"][1]["value"], prediction=p)) + "\n")
+            majority = Counter(golds).most_common(1)[0][0]
+            summary["datasets"][spec["name"]] = dict(scorer=kind, n=len(lines), score=score(kind, preds, golds),
+                                                     majority_baseline=score(kind, [majority] * len(golds), golds))
+    json.dump(summary, open(os.path.join(a.out, "summary.json"), "w"), indent=1)
+    return summary
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="checkpoint folder or hub id (config.json + safetensors)")
     p.add_argument("--image", action="append", default=[], help="screenshot path; repeat for several")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="one question (with --image); or evaluate a benchmark with --data")
+    p.add_argument("--data", help="meta json of jsonl benchmarks (InternVL format) to evaluate")
+    p.add_argument("--out", default="eval_out", help="--data: folder for predictions.jsonl and summary.json")
+    p.add_argument("--task", action="append", default=[], help="--data: NAME=SCORER (box tap squad rouge cider match)")
+    p.add_argument("--limit", type=int, default=0, help="--data: first N lines of each dataset (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--system", default=None, help="system message (default: the family's); 'none' omits Qwen's")
     p.add_argument("--min-pixels", type=int, default=256 * 28 * 28, help="Qwen pixel budget (ShowUI/TongUI: 256)")
     p.add_argument("--max-pixels", type=int, default=1344 * 28 * 28, help="Qwen pixel budget (ShowUI/TongUI: 1344)")
@@ -58,11 +133,19 @@ def main(argv=None):
     t0 = time.time()
     m = M.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
     tok = data.load_tokenizer(m.folder)
-    images = [Image.open(path) for path in a.image]
-    text, n_prompt, n_new = answer(m, tok, a.prompt, images, a)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
-    print(f"prompt {n_prompt} tokens, {len(images)} image(s); generated {n_new} tokens in {time.time() - t0:.1f}s")
+    if a.data:
+        summary = evaluate(m, tok, a)
+        for name, r in summary["datasets"].items():
+            fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float))
+            print(f"{name:<16} n={r['n']:<5} {fmt(r['score'])}   (majority answer: {fmt(r['majority_baseline'])})")
+        return summary
+    if not a.prompt:
+        p.error("give --prompt (with --image) or --data")
+    images = [Image.open(path) for path in a.image]
+    (text,), n_prompt = answer_batch(m, tok, [(a.prompt, images, None)], a)
+    print(f"prompt {n_prompt} tokens, {len(images)} image(s); {time.time() - t0:.1f}s")
     print(f"answer: {text}")
     return text
 
@@ -71,8 +154,6 @@ def main(argv=None):
 # Pure scoring functions, no I/O. Points (x, y) and boxes (x1, y1, x2, y2) are normalised to 0-1 unless a docstring
 # says 0-1000 (InternVL/Vlaser grid). An unparsable prediction is wrong, never skipped (ShowUI; TongUI's vLLM
 # ScreenSpot script skips them instead).
-import ast, json, math, re, string  # noqa: E401,E402  (the scorers keep their own imports)
-from collections import Counter  # noqa: E402
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _BOX_RE = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")

@@ -69,7 +69,8 @@ def write(m, out, base_folder, run, shard_bytes):
     sd = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
     if m.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # tied: the official files store the embedding only
-    dtype = json.load(open(os.path.join(base_folder, "config.json"))).get("torch_dtype", "bfloat16")
+    base_cfg = json.load(open(os.path.join(base_folder, "config.json")))
+    dtype = base_cfg.get("torch_dtype") or base_cfg.get("dtype") or "bfloat16"  # transformers 5 writes "dtype"
     cast = getattr(torch, dtype) if isinstance(getattr(torch, str(dtype), None), torch.dtype) else torch.bfloat16
     shards, size = [{}], 0
     for k in sorted(sd):

@@ -246,9 +246,8 @@ def main(argv):
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:  # small weights underflow into denormals, which CPUs process ~10-100x slower; GPUs flush them anyway
-        torch.set_flush_denormal(True)
-    random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)
+    torch.set_flush_denormal(device.type == "cpu")  # CPUs run denormals ~10-100x slower; GPUs flush them
+    torch.manual_seed(cfg.seed)  # every rank draws the same initial adapters and new parts (FSDP does not broadcast)
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "
                          f"({cfg.micro_batch} x {world})")
@@ -257,6 +256,7 @@ def main(argv):
     folder = M.resolve(cfg.base)
     tok = data.load_tokenizer(folder)
     m = build_model(cfg, tok, device)
+    random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)  # dropout
     if rank == 0:  # the resolved config and the tokenizer as trained (with any added token) live in the run
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -290,6 +290,9 @@ def main(argv):
         step, position = load_checkpoint(ckpt, m, opt, sched, rank)
         if rank == 0:
             print(f"resumed from {ckpt}: step {step}, sample {position}")
+            path = os.path.join(cfg.out, "metrics.jsonl")  # the steps after the checkpoint are run again
+            kept = [l for l in open(path) if json.loads(l)["step"] <= step] if os.path.exists(path) else []
+            open(path, "w").writelines(kept)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and not distributed)  # FSDP2 casts itself
     fpt = flops_per_token(m, cfg)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
@@ -358,6 +361,9 @@ def main(argv):
         if step == total or (cfg.save_every and step % cfg.save_every == 0):
             save_checkpoint(cfg.out, m, opt, sched, step, position, rank)
     bar.close()
+    if log:
+        log.close()
+    torch.set_flush_denormal(False)
     if distributed:
         dist.destroy_process_group()
 

@@ -148,7 +148,7 @@ def samples(img_path, els, rng):
     leaves = [e for e in els if e["type"] in ("button", "icon", "text")]
     words = [e for e in els if e["text"]]
     icons = [e for e in els if e["type"] == "icon"]
-    out = {k: [] for k in ("text2bbox", "bbox2text", "icon_grounding", "relation", "qa", "tappable", "refexp")}
+    out = {k: [] for k in ("text2bbox", "bbox2text", "icon_grounding", "relation", "color_qa", "tappable", "refexp")}
     unique = lambda e, pool: sum(name(x) == name(e) for x in pool) == 1
     for e in words:
         out["bbox2text"].append(conv(f"What text is in {box_text(e['box'])}?", e["text"]))
@@ -167,12 +167,15 @@ def samples(img_path, els, rng):
         for a, b in ab[:2]:
             out["relation"].append(conv(f"What is the relationship between the elements at {box_text(a['box'])} "
                                         f"and {box_text(b['box'])}?", rel))
-    for e in leaves:
+    yes, no = [e for e in els if e["clickable"]], [e for e in els if not e["clickable"]]
+    k = min(len(yes), len(no))  # balanced: as many clickable as not, so neither answer is a free win
+    for e in rng.sample(yes, k) + rng.sample(no, k):
         out["tappable"].append(conv(f"Whether the element within the selected area {box_text(e['box'])} is "
                                     "clickable? If clickable, output 0. otherwise output 1.",
                                     "0" if e["clickable"] else "1"))
+    for e in leaves:
         if e["color"]:
-            out["qa"].append(conv(f"What color is the element at {box_text(e['box'])}?", e["color"]))
+            out["color_qa"].append(conv(f"What color is the element at {box_text(e['box'])}?", e["color"]))
         if unique(e, leaves):
             out["refexp"].append(conv(f"Please provide the bounding box coordinate of the region this sentence "
                                       f"describes: <ref>{name(e)}</ref>", box_text(e["box"])))
@@ -183,8 +186,8 @@ STAGES = {  # which tasks each MP-GUI stage trains on
     "textual": ["text2bbox", "bbox2text"],
     "graphical": ["icon_grounding"],
     "spatial": ["relation"],
-    "fusion": ["text2bbox", "bbox2text", "icon_grounding", "relation", "qa"],
-    "benchmark": ["qa", "tappable", "refexp"],
+    "fusion": ["text2bbox", "bbox2text", "icon_grounding", "relation", "color_qa"],
+    "benchmark": ["color_qa", "tappable", "refexp"],
 }
 
 

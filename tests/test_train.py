@@ -1,0 +1,487 @@
+"""The training engine end to end on the tiny fixtures: LoRA merge arithmetic, FSDP2 over gloo against one process,
+exact resume, merge.py against transformers, the five MP-GUI stages chained through their merges, faults.
+
+Every run is a real `train.main` / `merge.main` call (torchrun for the distributed ones) on a 24-image dataset
+written here; the stage configs are shrunk to CPU size by overrides only.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import lora
+import merge
+import model as M
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+FAMILIES = ["qwen2_vl_tiny", "qwen2_5_vl_tiny", "internvl2_tiny", "internvl3_tiny", "mpgui_tiny"]
+STAGES = ["textual", "graphical", "spatial", "fusion", "benchmark"]
+SHRINK = ["--global_batch=4", "--micro_batch=2", "--max_steps=2", "--max_tiles=2", "--max_length=400", "--bf16=False",
+          "--num_workers=0", "--lora_llm_r=4", "--lora_llm_alpha=8"]
+VIT_LORA = ["--lora_vit_r=4", "--lora_vit_alpha=8"]
+MERGE_TOL = 1e-5  # fp32: merged vs unmerged logits
+DIST_TOL = 1e-5  # fp32: torchrun (2 ranks) vs one process
+RESUME_TOL = 0.0  # same process layout, same RNG states: bit-exact
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: with two threads OpenMP synchronisation dominates and stalls for seconds when another process
+    holds a core, so the in-process runs are single-threaded (as torchrun's ranks are). train.main turns on
+    flushing of denormals for the whole process: back to torch's default afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    torch.set_flush_denormal(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def max_rel_state(a, b):
+    assert set(a) == set(b)
+    return max(rel(a[k], b[k]) for k in a)
+
+
+def write_dataset(folder, n=24):
+    """n coloured PNGs 120..400 x 200 and one InternVL conversation each; returns the meta json's path."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "d.jsonl"), "w") as f:
+        for i in range(n):
+            w = 120 + (i * 37) % 281
+            colour = (i * 40 % 256, i * 90 % 256, i * 150 % 256)
+            Image.new("RGB", (w, 200), colour).save(os.path.join(folder, f"{i}.png"))
+            f.write(json.dumps({"id": i, "image": f"{i}.png", "width": w, "height": 200, "conversations": [
+                {"from": "human", "value": "<image>\nwhat color?"}, {"from": "gpt", "value": f"color {i}"}]}) + "\n")
+    meta = os.path.join(folder, "meta.json")
+    with open(meta, "w") as f:
+        json.dump({"d": {"root": folder, "annotation": os.path.join(folder, "d.jsonl"), "data_augment": False,
+                         "repeat_time": 1}}, f)
+    return meta
+
+
+def train_args(stage, base, meta, out, *overrides):
+    return [os.path.join(ROOT, "configs", f"{stage}.json"), f"--base={base}", f"--meta={meta}", f"--out={out}",
+            *overrides]
+
+
+def losses(run):
+    """{step: loss} from metrics.jsonl (a resumed run appends: the last record of a step wins)."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def checkpoint(run, step):
+    return os.path.join(run, "checkpoints", f"step_{step:07d}")
+
+
+def trainable(run, step):
+    return torch.load(os.path.join(checkpoint(run, step), "trainable.pt"))
+
+
+def fixture(name):
+    return os.path.join(FIXTURES, name)
+
+
+def batch(m, seed=0):
+    """Two right-padded samples: one with an image (InternVL: 2 tiles, + EXTRA tokens for MP-GUI; Qwen: a 56 x 84
+    image, 6 merged tokens) and <|im_start|> turns, one text only."""
+    g = torch.Generator().manual_seed(seed)
+    c = m.cfg
+    text = lambda n: torch.randint(5, 95, (n,), generator=g)  # ordinary ids in every tiny tokenizer  # noqa: E731
+    if c.arch in ("internvl", "mpgui"):
+        tiles = 2
+        vision = dict(pixel_values=torch.randn(tiles, 3, c.vit_image_size, c.vit_image_size, generator=g))
+        img = [c.image_token_id] * c.num_image_token * tiles + [c.extra_token_id] * c.num_image_token * tiles * (
+            c.arch == "mpgui")
+    else:
+        vision = dict(pixel_values=torch.randn(24, 3 * c.vit_temporal_patch * c.vit_patch ** 2, generator=g),
+                      image_grid_thw=torch.tensor([[1, 4, 6]]))
+        img = [c.image_token_id] * 6
+    a = torch.cat([torch.tensor([3]), text(6), torch.tensor(img), text(6), torch.tensor([3]), text(4)])
+    b = torch.cat([torch.tensor([3]), text(9)])
+    ids = torch.zeros(2, len(a), dtype=torch.long)
+    mask = torch.zeros(2, len(a), dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, :len(b)], mask[1, :len(b)] = b, 1
+    return dict(input_ids=ids, attention_mask=mask, **vision)
+
+
+def add_lora(m, seed=0):
+    torch.manual_seed(seed)  # lora_A's kaiming draw
+    lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, 4, 8, 2, 4)
+    return m
+
+
+def randomise_lora_b(m, seed=0, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora.lora_layers(m):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+
+
+@torch.no_grad()
+def logits(m, inputs):
+    valid = inputs["attention_mask"].bool()
+    return m(**inputs)[valid]
+
+
+def file_digests(folder):
+    def digest(name):
+        with open(os.path.join(folder, name), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    return {name: digest(name) for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. LoRA: merge arithmetic and the zero-B identity, every family, adapters on the LLM and the ViT
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_merged_logits_equal_unmerged(family):
+    m = add_lora(M.load_model(fixture(family), dtype=torch.float32))
+    base = M.load_model(fixture(family), dtype=torch.float32)
+    randomise_lora_b(m)
+    inputs = batch(m)
+    unmerged = logits(m, inputs)
+    assert rel(unmerged, logits(base, inputs)) > 1e-2  # the adapters matter
+    lora.merge(m)
+    assert not lora.lora_layers(m)
+    assert rel(logits(m, inputs), unmerged) <= MERGE_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_zero_b_leaves_logits_bit_identical(family):
+    m = M.load_model(fixture(family), dtype=torch.float32)
+    inputs = batch(m)
+    before = logits(m, inputs)
+    add_lora(m)
+    internvl = m.cfg.arch in ("internvl", "mpgui")
+    assert {n.split(".")[0] for n, _ in lora.lora_layers(m)} == ({"language_model", "vision_model"} if internvl
+                                                                  else {"model", "visual"})
+    assert torch.equal(logits(m, inputs), before)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. distributed: torchrun, 2 ranks, FSDP2 over gloo vs one process with the same global batch
+
+# stage 4 on the tiny MP-GUI: LoRA in every decoder block and the vision tower, perceivers and gate in the root unit,
+# so every FSDP unit reduces gradients. Dropouts off (their draws differ per rank). Global batch 4: one process runs
+# 2 micro-batches of 2 and accumulates, each rank runs one of them.
+DIST = ["--global_batch=4", "--micro_batch=2", "--max_steps=3", "--max_tiles=2", "--max_length=400", "--bf16=False",
+        "--num_workers=0", "--lora_llm_r=4", "--lora_llm_alpha=8", *VIT_LORA, "--lora_dropout=0", "--drop_path=0",
+        "--lr=1e-3"]
+def torchrun(script, args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                        *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single(meta, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("single") / "run")
+    train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    return out
+
+
+@pytest.fixture(scope="module")
+def distributed(meta, tmp_path_factory):
+    """torchrun --nproc_per_node 2 train.py: FSDP2 over gloo, each rank reading its half of every global batch."""
+    out = str(tmp_path_factory.mktemp("dist") / "run")
+    torchrun(os.path.join(ROOT, "train.py"), train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    return out
+
+
+def test_distributed_losses_equal_single_process(single, distributed):
+    ref, got = losses(single), losses(distributed)
+    assert sorted(ref) == sorted(got) == [1, 2, 3]
+    assert ref[3] < ref[1] - 0.1  # the weights move: later steps depend on the earlier updates
+    for step in ref:
+        assert abs(got[step] - ref[step]) / abs(ref[step]) <= DIST_TOL
+
+
+def test_distributed_trainable_weights_equal_single_process(single, distributed):
+    ref, got = trainable(single, 3), trainable(distributed, 3)
+    assert set(ref) == set(got)
+    assert any(k.startswith("vision_model.") for k in ref) and any(k.startswith("fusion_gate.") for k in ref)
+    # one thread per process on both sides: with two in the single process, matmul rounding (1e-7) reaches the gate's
+    # key biases, whose true gradient is zero (softmax is shift-invariant), and AdamW scales it to 2e-5 there
+    for k in ref:
+        assert rel(got[k], ref[k]) <= DIST_TOL, k
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. resume: 4 steps in one go vs stopped after the step-2 checkpoint and re-run (dropouts on: RNG states matter;
+# 3 steps per epoch: the resumed run crosses an epoch boundary)
+
+RESUME = ["--global_batch=8", "--micro_batch=4", "--max_steps=4", "--save_every=2", "--max_tiles=2", "--max_length=400",
+          "--bf16=False", "--num_workers=0", "--lora_llm_r=4", "--lora_llm_alpha=8", *VIT_LORA, "--lr=1e-3"]
+
+
+def resume_args(meta, out):
+    return train_args("fusion", fixture("mpgui_tiny"), meta, out, *RESUME)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(meta, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("resume") / "a")
+    train.main(resume_args(meta, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed(meta, uninterrupted, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("resume") / "b")
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(checkpoint(out, 4))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        head = f.readlines()[:2]
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.writelines(head)
+    assert train.latest_checkpoint(out) == checkpoint(out, 2)
+    train.main(resume_args(meta, out))
+    return out
+
+
+def test_resumed_losses_equal_uninterrupted(uninterrupted, resumed):
+    ref, got = losses(uninterrupted), losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(got[step] - ref[step]) / abs(ref[step]) <= RESUME_TOL
+
+
+def test_resumed_trainable_weights_equal_uninterrupted(uninterrupted, resumed):
+    assert max_rel_state(trainable(resumed, 4), trainable(uninterrupted, 4)) <= RESUME_TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. interop: a hand-made Qwen2-VL run merged by merge.py, loaded by transformers
+
+QWEN_RUN = dict(mpgui=False, gate_mask="prompt_only", lora_llm_r=4, lora_llm_alpha=8, lora_vit_r=2, lora_vit_alpha=4)
+
+
+def qwen_run(folder, base):
+    """A run folder as train.py would leave it: config.json + checkpoints/step_0000001/trainable.pt with random
+    adapters for every injected name. Returns (run, our unmerged model)."""
+    run = os.path.join(folder, "run")
+    os.makedirs(checkpoint(run, 1))
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(dict(QWEN_RUN, base=base), f)
+    m = M.load_model(base, dtype=torch.float32)
+    lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, 4, 8, 2, 4)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora.lora_state(m).items()}
+    torch.save(state, os.path.join(checkpoint(run, 1), "trainable.pt"))
+    lora.load_lora(m, state)
+    return run, m.eval()
+
+
+@pytest.fixture(scope="module")
+def qwen_merged(tmp_path_factory):
+    """The Qwen2-VL fixture with its storage dtype under the 4.x key torch_dtype (which merge.py reads), merged."""
+    root = str(tmp_path_factory.mktemp("interop"))
+    base = os.path.join(root, "base")
+    shutil.copytree(fixture("qwen2_vl_tiny"), base)
+    with open(os.path.join(base, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(base, "config.json"), "w") as f:
+        json.dump({**cfg, "torch_dtype": "float32"}, f)
+    run, ours = qwen_run(root, base)
+    out = os.path.join(root, "merged")
+    merge.main([run, out])
+    return out, ours
+
+
+def test_merged_qwen_loads_in_transformers_with_our_unmerged_logits(qwen_merged):
+    transformers = pytest.importorskip("transformers")
+    out, ours = qwen_merged
+    ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager",
+                                                                       dtype=torch.float32).eval()
+    tok = data.load_tokenizer(out)
+    image = Image.new("RGB", (130, 90), (200, 40, 90))
+    image.paste((10, 220, 30), (20, 10, 70, 60))
+    enc = data.encode_qwen(tok, [{"role": "user", "content": "<image>\nwhere is save?"}], [image], 4 * 28 * 28,
+                           60 * 28 * 28)
+    ids = enc["input_ids"][None]
+    vision = dict(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+    with torch.no_grad():
+        got = ref(input_ids=ids, mm_token_type_ids=(ids == ours.cfg.image_token_id).long(), **vision).logits.float()
+        want = ours(ids, **vision)
+        base = M.load_model(fixture("qwen2_vl_tiny"), dtype=torch.float32)(ids, **vision)
+    assert int((ids == ours.cfg.image_token_id).sum()) > 0
+    assert rel(want, base) > 1e-2  # the adapters matter
+    assert rel(got, want) <= 1e-4
+
+
+def test_merged_qwen_has_the_official_flat_layout(qwen_merged):
+    out, ours = qwen_merged
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        keys = set(json.load(f)["weight_map"])
+    assert {k.split(".")[0] for k in keys} == {"visual", "model"}
+    assert "lm_head.weight" not in keys  # tied
+    assert keys == set(ours.state_dict()) - {"lm_head.weight"} - set(lora.lora_state(ours))
+
+
+def test_merge_keeps_the_storage_dtype_of_a_transformers5_config(tmp_path):
+    from safetensors import safe_open
+    run, _ = qwen_run(str(tmp_path), fixture("qwen2_vl_tiny"))  # config.json: "dtype": "float32"
+    out = str(tmp_path / "merged")
+    merge.main([run, out])
+    with safe_open(os.path.join(out, "model-00001-of-00001.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. chain: the five MP-GUI stages, each from the previous stage's merge (stage 1 from a plain InternVL2)
+
+
+@pytest.fixture(scope="module")
+def chain(meta, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    base, out = fixture("internvl2_tiny"), {}
+    for stage in STAGES:
+        run, merged = str(root / f"run_{stage}"), str(root / f"merged_{stage}")
+        vit = VIT_LORA if stage in ("fusion", "benchmark") else []
+        train.main(train_args(stage, base, meta, run, *SHRINK, *vit))
+        out[stage] = dict(run=run, merged=merged, err=merge.main([run, merged]))
+        base = merged
+    return out
+
+
+def test_chain_merges_are_exact(chain):
+    for stage in STAGES:
+        assert 0 <= chain[stage]["err"] <= MERGE_TOL, stage
+
+
+def test_chain_losses_are_finite(chain):
+    for stage in STAGES:
+        got = losses(chain[stage]["run"])
+        assert sorted(got) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in got.values()), stage
+
+
+def test_chain_merges_load_as_mpgui_with_the_extra_token(chain):
+    base_vocab = M.load_model(fixture("internvl2_tiny")).cfg.vocab_size
+    for stage in STAGES:
+        folder = chain[stage]["merged"]
+        with open(os.path.join(folder, "config.json")) as f:
+            assert json.load(f)["architectures"] == ["MPGUI"]
+        m = M.load_model(folder)
+        assert m.cfg.arch == "mpgui" and m.initialised == [], stage  # every part comes from the files
+        assert m.cfg.vocab_size == base_vocab + 1 == m.cfg.extra_token_id + 1, stage
+
+
+def trained_names(run):
+    """The parameters the optimizer stepped (full state dict names)."""
+    state = torch.load(os.path.join(checkpoint(run, 2), "state.pt"), weights_only=False)
+    return {n for g in state["optimizer"]["param_groups"] for n in g["params"]}
+
+
+def test_chain_stage1_trains_only_the_textual_perceiver_and_llm_lora(chain):
+    run = chain["textual"]["run"]
+    names = trained_names(run)
+    assert names and all(n.startswith("textual_perceiver.") or n.startswith("language_model.") and
+                         n.endswith(("lora_A", "lora_B")) for n in names)
+    assert any(n.startswith("textual_perceiver.") for n in names)
+    saved = set(trainable(run, 2))  # + what the plain InternVL lacked: the other parts, the grown embedding and head
+    new = {n for n in saved - names if n.split(".")[0] in M.MPGUI.PARTS}
+    assert saved - names - new == {"language_model.model.tok_embeddings.weight", "language_model.output.weight"}
+    assert {n.split(".")[0] for n in new} == {"graphical_perceiver", "spatial_perceiver", "fusion_gate"}
+
+
+def test_chain_stage5_trains_no_perceiver_or_gate(chain):
+    run = chain["benchmark"]["run"]
+    saved = set(trainable(run, 2))
+    assert saved == trained_names(run)
+    assert all(n.endswith(("lora_A", "lora_B")) for n in saved)
+    assert {n.split(".")[0] for n in saved} == {"language_model", "vision_model"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. faults: a checkpoint write killed midway, a merge whose check fails
+
+
+@pytest.fixture(scope="module")
+def killed_write(meta, tmp_path_factory, uninterrupted):
+    """The resume run, its step-4 checkpoint write killed after trainable.pt (disk full), then run again."""
+    out = str(tmp_path_factory.mktemp("killed") / "run")
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if str(f).endswith(os.path.join("step_0000004.tmp", "state.pt")):
+            raise OSError("disk full")
+        return real(obj, f, *a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", save)
+        with pytest.raises(OSError, match="disk full"):
+            train.main(resume_args(meta, out))
+    after_kill = dict(latest=train.latest_checkpoint(out), tmp=sorted(os.listdir(checkpoint(out, 4) + ".tmp")))
+    train.main(resume_args(meta, out))
+    return out, after_kill
+
+
+def test_killed_checkpoint_write_leaves_the_previous_checkpoint_latest(killed_write):
+    out, after_kill = killed_write
+    assert after_kill == dict(latest=checkpoint(out, 2), tmp=["trainable.pt"])
+
+
+def test_rerun_after_killed_write_resumes_and_finishes(killed_write, uninterrupted):
+    out, _ = killed_write
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_0000002", "step_0000004"]
+    assert losses(out) == losses(uninterrupted)
+    assert max_rel_state(trainable(out, 4), trainable(uninterrupted, 4)) <= RESUME_TOL
+
+
+def test_failed_merge_check_leaves_out_untouched(uninterrupted, tmp_path):
+    out = str(tmp_path / "merged")
+    merge.main([uninterrupted, out])
+    before = file_digests(out)
+    bad = str(tmp_path / "diverged")
+    shutil.copytree(uninterrupted, bad)
+    state = trainable(bad, 4)
+    state[next(k for k in state if k.endswith("lora_B"))].fill_(float("nan"))
+    torch.save(state, os.path.join(checkpoint(bad, 4), "trainable.pt"))
+    with pytest.raises(SystemExit, match="merge check failed"):
+        merge.main([bad, out])
+    assert file_digests(out) == before
+    assert os.path.isdir(out + ".tmp")  # the failed files, kept to inspect
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. a non-finite loss stops the run and names the last good checkpoint
+
+
+def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(meta, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    real = train.save_checkpoint
+
+    def save_then_poison(run, m, *rest):  # the weights diverge right after the step-1 checkpoint
+        real(run, m, *rest)
+        with torch.no_grad():
+            next(p for n, p in m.named_parameters() if n.endswith("lora_B")).fill_(float("nan"))
+    monkeypatch.setattr(train, "save_checkpoint", save_then_poison)
+    args = train_args("fusion", fixture("mpgui_tiny"), meta, out, *SHRINK, "--max_steps=3", "--save_every=1")
+    with pytest.raises(FloatingPointError, match=f"at step 2; the last good checkpoint is {checkpoint(out, 1)}$"):
+        train.main(args)
+    assert sorted(losses(out)) == [1]  # nothing non-finite logged
+    assert train.latest_checkpoint(out) == checkpoint(out, 1)
