@@ -3,8 +3,8 @@ in the official layout: sharded safetensors + index, config.json, tokenizer file
 
     python merge.py RUN OUT [--checkpoint RUN/checkpoints/step_N] [--device cpu] [--shard-gb 5]
 
-Before it reports success it loads OUT with the ordinary loader and checks, on a probe batch, that the merged
-model's logits equal the unmerged model's (base + adapters); OUT is what the next stage's config names as `base`.
+It checks on a probe batch that merged logits equal base + adapters' and that the files, loaded by the ordinary
+loader, reproduce the merged model, before OUT appears; OUT is what the next stage's config names as `base`.
 """
 import argparse
 import glob
