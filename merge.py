@@ -64,8 +64,7 @@ def probe(m, seed=0):
 def write(m, out, base_folder, run, shard_bytes):
     """The official layout, written under OUT.tmp (renamed to OUT once checked: never half-written)."""
     tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
     if m.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # tied: the official files store the embedding only
