@@ -10,6 +10,7 @@ run resumes from its latest checkpoint by itself. `python merge.py RUN OUT` fold
 """
 import ast
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -223,13 +224,30 @@ def lr_lambda(cfg, total):
     return f
 
 
-def step_order(n, cfg, lengths, world, epoch):
+def step_order(n, cfg, lengths, epoch):
     """The global order of sample indices for one epoch: seeded; length-grouped within megabatches."""
-    mega = cfg.global_batch
     if cfg.group_by_length:
-        return data.length_grouped_indices(lengths, mega, cfg.seed + epoch)
-    g = torch.Generator().manual_seed(cfg.seed + epoch)
-    return torch.randperm(n, generator=g).tolist()
+        return data.length_grouped_indices(lengths, cfg.global_batch, cfg.seed + epoch)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+
+
+def loader(ds, cfg, world, rank, accum, pad, position):
+    """Yields (global sample position after the step, this rank's `accum` collated micro-batches), step after step,
+    from `position` on. Each global batch is a slice of the epoch's order; rank r takes micro-batches r, r + world,
+    ...; an epoch's ragged tail is dropped so every step sees a full batch. Workers prepare batches ahead."""
+    n, mb, gb = len(ds), cfg.micro_batch, cfg.global_batch
+    while True:
+        epoch, start = divmod(position, n)
+        order = step_order(n, cfg, ds.lengths, epoch)
+        plan = [(epoch * n + s + gb, order[s + (a * world + rank) * mb:s + (a * world + rank + 1) * mb])
+                for s in range(start, n - gb + 1, gb) for a in range(accum)]
+        if plan:
+            it = iter(torch.utils.data.DataLoader(  # its own generator: the global RNG (dropout) stays untouched
+                ds, batch_sampler=[idx for _, idx in plan], num_workers=cfg.num_workers,
+                collate_fn=functools.partial(data.collate, pad_id=pad), generator=torch.Generator().manual_seed(epoch)))
+            for k in range(accum - 1, len(plan), accum):
+                yield plan[k][0], [next(it) for _ in range(accum)]
+        position = (epoch + 1) * n
 
 
 def main(argv):
@@ -298,21 +316,12 @@ def main(argv):
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.out))
-    epoch, order = None, None
+    batches = loader(ds, cfg, world, rank, accum, pad, position)
     m.train()
     while step < total:
         t0 = time.time()
-        if epoch != position // len(ds):
-            epoch = position // len(ds)
-            order = step_order(len(ds), cfg, ds.lengths, world, epoch)
-        start = position % len(ds)
-        batch_idx = order[start:start + cfg.global_batch]
-        if len(batch_idx) < cfg.global_batch:  # an epoch's ragged tail is dropped: every step sees a full batch
-            position += len(ds) - start
-            continue
-        mine = [batch_idx[(a * world + rank) * cfg.micro_batch:(a * world + rank + 1) * cfg.micro_batch]
-                for a in range(accum)]
-        micro = [data.collate([ds[i] for i in idx], pad) for idx in mine]
+        position, micro = next(batches)
+        t_data = time.time() - t0
         skipped = [s for b in micro for s in b["skipped"]]
         n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"]
                                        is not None)), device=device)
@@ -342,10 +351,10 @@ def main(argv):
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        position += cfg.global_batch
         dt = time.time() - t0
         tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["input_ids"] is not None) * world
         rec = dict(step=step, loss=loss_val, lr=sched.get_last_lr()[0], grad_norm=float(norm), tokens=tokens,
+                   data_wait_s=t_data,
                    tok_per_s=tokens / dt, mfu=fpt * tokens / dt / (peak * world) if peak else None,
                    peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                    skipped=len(skipped))

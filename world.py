@@ -24,13 +24,14 @@ RELATIONS = ["sibling", "contains", "inside", "no containment", "unrelated"]  # 
 
 
 def cell_box(r, c, w, h, rows=1, cols=1, pad=0.08):
-    """Pixel box of a block of layout cells, shrunk by a margin."""
-    cw, ch = w / GRID, h / GRID
-    return (round((c + pad) * cw), round((r + pad) * ch), round((c + cols - pad) * cw), round((r + rows - pad) * ch))
+    """Pixel box of a block of layout cells, shrunk by a margin; its 0-1000 box (`norm`) is exact on the grid, the
+    same numbers on phone and desktop screens."""
+    x1, y1, x2, y2 = (round((v + p) * 1000 / GRID) for v, p in ((c, pad), (r, pad), (c + cols, -pad), (r + rows, -pad)))
+    return (x1 * w / 1000, y1 * h / 1000, x2 * w / 1000, y2 * h / 1000)
 
 
 def norm(box, w, h):  # pixels -> 0-1000 integers
-    return [int(box[0] * 1000 / w), int(box[1] * 1000 / h), int(box[2] * 1000 / w), int(box[3] * 1000 / h)]
+    return [round(box[0] * 1000 / w), round(box[1] * 1000 / h), round(box[2] * 1000 / w), round(box[3] * 1000 / h)]
 
 
 def draw_glyph(d, box, glyph, fill):
