@@ -27,9 +27,11 @@ def scopes(arch, llm_arch):
     return "model.", TARGETS["qwen2"], "visual.", TARGETS["qwen_vit"]
 
 
-def add_adapters(model, arch, llm_arch, llm_r=0, llm_alpha=0, vit_r=0, vit_alpha=0, dropout=0.0):
-    """LoRA on a VLM's language model and / or vision tower (rank 0 = none there)."""
+def add_adapters(model, arch, llm_arch, llm_r=0, llm_alpha=0, vit_r=0, vit_alpha=0, dropout=0.0, targets=None):
+    """LoRA on a VLM's language model and / or vision tower (rank 0 = none there). `targets` (name suffixes, as
+    PEFT / LLaMA-Factory's lora_target match them) replaces the family's defaults in both scopes."""
     llm_scope, llm_targets, vit_scope, vit_targets = scopes(arch, llm_arch)
+    llm_targets, vit_targets = (targets, targets) if targets else (llm_targets, vit_targets)
     for scope, targets, r, alpha in ((llm_scope, llm_targets, llm_r, llm_alpha), (vit_scope, vit_targets, vit_r,
                                                                                   vit_alpha)):
         if r:

@@ -10,6 +10,7 @@ aside).
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,13 @@ class ModelConfig:
     im_start_token_id: int = None  # <|im_start|>: the prompt_only gate mask cuts at the last one
     mpgui_mode: str = "fusion"  # which source fills EXTRA: textual | graphical | spatial (stages 1-3) | fusion
     gate_mask: str = "prompt_only"  # fusion-gate keys: official (answer leaks in, as released) | prompt_only
+    # ShowUI's UI-guided token selection (Qwen2-VL decoder; showui_tongui.md B.1-B.2), off by default
+    lm_skip_layer: str = "[1,28,0]"  # "[start,end,0|1],...": 1-indexed inclusive layer ranges, later ones win
+    lm_skip_ratio: float = 0.0  # share of each UI component's image tokens a selecting layer skips
+    lm_skip_rand: bool = False  # training: a random subset of each component instead of evenly spaced tokens
+    uigraph_threshold: float = 1.0  # neighbouring 28x28 blocks join a component if L2(normalised pixels) < this
+    uigraph_train: bool = True  # build the UI graph (so select) in train mode
+    uigraph_test: bool = False  # ... and in eval mode (ShowUI: off, so every block is its own component)
 
 
 def _need(d, key, where):
@@ -561,6 +569,79 @@ class Qwen2DecoderLayer(Block):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def parse_skip_layers(spec, num_layers):
+    """ShowUI's `lm_skip_layer` "[start,end,0|1],..." -> one 0/1 flag per layer: 1-indexed inclusive ranges, later
+    ones override, ends past the last layer clipped ("[1,28,1]" = every layer, "[1,28,0]" = none)."""
+    item = r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*([01])\s*\]"
+    ok = isinstance(spec, str) and re.fullmatch(rf"\s*{item}(\s*,\s*{item})*\s*", spec)
+    ranges = [tuple(map(int, r)) for r in re.findall(item, spec)] if ok else []
+    if not ok or any(not 1 <= a <= b for a, b, _ in ranges):
+        raise ValueError(f"lm_skip_layer {spec!r}: expected '[start,end,0|1],...' with 1 <= start <= end")
+    on = [0] * num_layers
+    for a, b, v in ranges:
+        on[a - 1:b] = [v] * len(on[a - 1:b])
+    return on
+
+
+def ui_graph(pixel_values, image_grid_thw, merge, threshold):
+    """ShowUI's UI connected graph. A node is a merged block (one image token: merge^2 consecutive rows of normalised
+    values, both temporal copies); it joins its right / bottom neighbour if their L2 distance is < threshold.
+    Returns each image token's component id, numbered by first appearance in raster order, image after image."""
+    out, row = [], 0
+    for t, h, w in image_grid_thw.tolist():
+        v = pixel_values[row:row + t * h * w].float().view(t, h // merge, w // merge, -1)  # (t, bh, bw, values)
+        row += t * h * w
+        node = torch.arange(v.shape[:3].numel()).view(v.shape[:3])
+        parent = list(range(node.numel()))
+
+        def find(a):  # union-find; a root is its component's first node in raster order
+            while parent[a] != a:
+                parent[a] = a = parent[parent[a]]
+            return a
+        for d, step in ((2, 1), (1, w // merge)):  # right, bottom neighbours
+            near = (torch.linalg.vector_norm(v.diff(dim=d), dim=-1) < threshold).cpu()
+            for a in node.narrow(d, 0, node.shape[d] - 1)[near].tolist():
+                a, b = find(a), find(a + step)
+                parent[max(a, b)] = min(a, b)
+        roots = torch.tensor([find(a) for a in range(len(parent))])
+        out.append(torch.unique(roots, return_inverse=True)[1] + (out[-1].max() + 1 if out else 0))
+    return torch.cat(out).to(pixel_values.device)
+
+
+def select_mask(assign, ratio, rand=False, generator=None):
+    """ShowUI's get_select_mask. assign (T,): -1 for text, else a UI-component id. Keeps the text and, of each
+    component of n tokens, max(1, n - round(n * ratio)) (round half to even, as Python): evenly spaced
+    (float32 linspace(0, n - 1) truncated, as upstream) or, with rand, a random subset. Returns (T,) bool."""
+    keep = assign < 0
+    pos = (~keep).nonzero().flatten()
+    if rand:  # a random order inside each component: its first k tokens are a uniform random subset
+        pos = pos[torch.randperm(len(pos), generator=generator).to(pos.device)]
+    pos = pos[torch.sort(assign[pos], stable=True).indices]  # grouped by component
+    n = torch.unique_consecutive(assign[pos], return_counts=True)[1]
+    k = (n - torch.round(n.double() * ratio).long()).clamp(min=1)
+    rank = torch.arange(len(pos), device=pos.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
+    hit = rank < k.repeat_interleave(n)
+    if not rand:
+        size = n.repeat_interleave(n)
+        for m, km in set(zip(n.tolist(), k.tolist())):
+            hit[size == m] = torch.isin(rank[size == m], torch.linspace(0, m - 1, km).long().to(pos.device))
+    return keep.index_fill(0, pos[hit], True)
+
+
+def keep_layout(keep, mask, causal):
+    """Each sample's kept positions (keep (B, T) bool) packed left into (B, L): index, validity, and the attention
+    mask over kept queries and keys (original order, so still causal); a padded slot sees only itself."""
+    n = keep.sum(1)
+    idx = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :int(n.max())]  # kept first, in order
+    valid = torch.arange(idx.shape[1], device=keep.device) < n[:, None]
+    if mask is None and causal and bool(valid.all()):
+        return idx, valid, None, True
+    (B, T), L = keep.shape, idx.shape[1]  # no cache here, so mask None means plain causal
+    full = (mask[:, 0] if mask is not None else torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()[None])
+    sub = full.expand(B, T, T)[torch.arange(B, device=keep.device)[:, None, None], idx[:, :, None], idx[:, None, :]]
+    return idx, valid, ((sub & valid[:, None]) | torch.eye(L, dtype=torch.bool, device=keep.device))[:, None], False
+
+
 class Qwen2Model(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -568,9 +649,17 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, causal, cache=None):
+    def forward(self, x, cos, sin, mask, causal, cache=None, keep=None):
+        """keep: None, or per layer None (all tokens) or a (B, T) bool mask: that layer runs on the kept tokens only
+        (original positions), the others pass through it unchanged (ShowUI's UI-guided selection; no cache)."""
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, causal, cache, i)
+            if keep is None or keep[i] is None:
+                x = layer(x, cos, sin, mask, causal, cache, i)
+                continue
+            idx, valid, m, c = keep_layout(keep[i], mask, causal)
+            b = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
+            cs, sn = (r[:, 0].expand(len(x), -1, -1)[b, idx][:, None] for r in (cos, sin))
+            x = x.index_put((b[valid], idx[valid]), layer(x[b, idx], cs, sn, m, c, None, i)[valid])
         return self.norm(x)
 
 
@@ -682,7 +771,8 @@ class VLM(nn.Module):
         cos, sin = rope(position_ids, self.cfg, x.dtype, S)
         key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         mask, causal = decoder_mask(key_valid, T, S, self.cfg.sliding_window, x.device)
-        h = self.decoder(x, cos, sin, mask, causal, cache)
+        keep = self.token_keep(input_ids, cache, **vision) if hasattr(self, "token_keep") else None  # Qwen2-VL
+        h = self.decoder(x, cos, sin, mask, causal, cache, keep)
         if cache is not None:
             cache.length = S
         return h
@@ -873,12 +963,29 @@ class Qwen2VL(VLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        parse_skip_layers(cfg.lm_skip_layer, cfg.num_layers)  # a bad lm_skip_layer fails here, not mid-run
 
     decoder = property(lambda self: self.model)
     head = property(lambda self: self.lm_head)
 
     def image_features(self, pixel_values, image_grid_thw):
         return self.visual(pixel_values, image_grid_thw)  # (n_image_tokens, hidden)
+
+    def token_keep(self, input_ids, cache=None, pixel_values=None, image_grid_thw=None):
+        """ShowUI's UI-guided token selection: per decoder layer None (all tokens) or the (B, T) tokens it runs on
+        (text, and of each UI component of n image tokens max(1, n - round(n * lm_skip_ratio))); None when off."""
+        c, on = self.cfg, parse_skip_layers(self.cfg.lm_skip_layer, self.cfg.num_layers)
+        graph = c.uigraph_train if self.training else c.uigraph_test
+        if pixel_values is None or not (c.lm_skip_ratio > 0 and any(on) and graph):
+            return None
+        if cache is not None:
+            raise ValueError("UI-guided token selection (lm_skip_ratio > 0 on some lm_skip_layer) runs without a KV "
+                             "cache only; for generation set uigraph_test=False or lm_skip_ratio=0")
+        ids = ui_graph(pixel_values, image_grid_thw, c.vit_merge, c.uigraph_threshold).to(input_ids.device)
+        assign = torch.full_like(input_ids, -1).masked_scatter(input_ids == c.image_token_id, ids).flatten()
+        rand = self.training and c.lm_skip_rand  # one draw per forward for all layers, as ShowUI's uimask_pre
+        keep = select_mask(assign, c.lm_skip_ratio, rand).view_as(input_ids)
+        return [keep if f else None for f in on]
 
     def embed(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None):
         feats = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)

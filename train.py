@@ -37,6 +37,26 @@ import model as M
 class TrainConfig:
     base: str = ""  # starting checkpoint: folder or hub id (a stage's base is the previous stage's merge)
     meta: str = ""  # InternVL meta json: {name: {root, annotation, repeat_time, data_augment, max_dynamic_patch}}
+    # what the data is: internvl | vlaser (InternVL / MP-GUI: meta; vlaser adds the point prefix to <point> samples) |
+    # showui_grounding | showui_navigation | llamafactory (Qwen2-VL / Qwen2.5-VL: data_dir + datasets)
+    data_format: str = "internvl"
+    data_dir: str = ""  # ShowUI: $_DATA_DIR (ShowUI-desktop/, GUI_Course/GUIAct/, ...); llamafactory: its dataset_dir
+    datasets: list = field(default_factory=list)  # ShowUI: "name:json" pairs; llamafactory: dataset_info.json names
+    media_dir: str = ""  # llamafactory: where relative image paths are found first ("" = data_dir)
+    max_samples: int = 0  # llamafactory: the first records kept per dataset (0 = all)
+    min_pixels: int = 256 * 28 * 28  # Qwen image area bounds of smart_resize (ShowUI: min/max_visual_tokens * 28^2)
+    max_pixels: int = 1344 * 28 * 28
+    image_max_pixels: int = 0  # llamafactory: shrink each image to this area before smart_resize (0 = off)
+    num_turn: int = 1  # ShowUI: grounding queries per screenshot; > 1 also makes vtvt history actions targets
+    crop_min: float = 1.0  # ShowUI grounding: crop / pad scale range per side (1 and 1 = off)
+    crop_max: float = 1.0
+    xy_int: bool = False  # ShowUI grounding: answers as 0-1000 integers instead of 2-decimal 0-1 floats
+    num_history: int = 4  # ShowUI navigation: past actions in the prompt
+    interleaved_history: str = "tttt"  # ShowUI navigation: tttt (actions as text) | vtvt ([screenshot, action] pairs)
+    lm_skip_layer: str = "[1,28,0]"  # ShowUI UI-guided token selection, copied into the model config (model.py)
+    lm_skip_ratio: float = 0.0
+    lm_skip_rand: bool = False
+    uigraph_threshold: float = 1.0
     out: str = "runs/run"  # run folder
     mpgui: bool = False  # build MP-GUI (perceivers + gate) on the base, initialising the parts it lacks
     mpgui_mode: str = "fusion"  # what fills EXTRA tokens: textual | graphical | spatial | fusion
@@ -48,13 +68,14 @@ class TrainConfig:
     lora_vit_r: int = 0  # LoRA rank on the vision tower (0 = none)
     lora_vit_alpha: int = 0
     lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=list)  # module-name suffixes in both scopes ([] = the family's defaults)
     lr: float = 1e-5  # peak learning rate of the LoRA adapters
     lr_parts: float = 0.0  # peak learning rate of train_parts (0 = lr)
     weight_decay: float = 0.01  # on every trainable tensor, as the official DeepSpeed optimizer does
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     warmup_ratio: float = 0.03
     schedule: str = "linear"  # decay after warmup: linear (the official DeepSpeed WarmupDecayLR) | cosine
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = no clipping (the gradient norm is still logged)
     global_batch: int = 64  # samples per optimizer step, all ranks and accumulation steps together
     micro_batch: int = 8  # samples per forward on one rank
     epochs: float = 1.0
@@ -88,11 +109,11 @@ def load_config(path, overrides=()):
         k, v = o[2:].split("=", 1)
         if k not in names:
             raise KeyError(f"unknown config key {k!r} in override {o!r}")
+        default = getattr(cfg, k)
         try:
-            v = ast.literal_eval(v)
+            v = v if isinstance(default, str) else ast.literal_eval(v)  # a string field takes the text as it is
         except (ValueError, SyntaxError):
             pass  # a plain string
-        default = getattr(cfg, k)
         if isinstance(default, bool) or not isinstance(v, type(default)) and not (
                 isinstance(default, float) and isinstance(v, int)):
             if not (isinstance(default, bool) and isinstance(v, bool)):
@@ -122,7 +143,9 @@ def build_model(cfg, tok, device):
         layer.drop = cfg.drop_path * i / max(len(m.vision_model.encoder.layers) - 1, 1)
     m.requires_grad_(False)
     lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, cfg.lora_llm_r, cfg.lora_llm_alpha, cfg.lora_vit_r,
-                      cfg.lora_vit_alpha, cfg.lora_dropout)
+                      cfg.lora_vit_alpha, cfg.lora_dropout, cfg.lora_targets)
+    for name in ("lm_skip_layer", "lm_skip_ratio", "lm_skip_rand", "uigraph_threshold"):  # ShowUI token selection
+        setattr(m.cfg, name, getattr(cfg, name))
     for _, layer in lora.lora_layers(m):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
@@ -136,6 +159,43 @@ def build_model(cfg, tok, device):
         if isinstance(mod, M.Block):
             mod.checkpointing = cfg.activation_checkpointing
     return m.to(device)
+
+
+def build_dataset(cfg, tok, mc):
+    """The training set of cfg.data_format, for the model family of mc (the model config)."""
+    internvl = mc.arch in ("internvl", "mpgui")
+    if cfg.data_format not in ("internvl", "vlaser", "showui_grounding", "showui_navigation", "llamafactory"):
+        raise ValueError(f"unknown data_format {cfg.data_format!r}")
+    if internvl != (cfg.data_format in ("internvl", "vlaser")):
+        raise ValueError(f"data_format {cfg.data_format!r} does not fit a {mc.arch} model: InternVL / MP-GUI read "
+                         "internvl or vlaser; Qwen2-VL / Qwen2.5-VL read showui_grounding, showui_navigation or "
+                         "llamafactory")
+    if internvl:
+        return data.InternVLDataset(cfg.meta, tok, mc.template, mc.num_image_token, mc.vit_image_size, cfg.max_tiles,
+                                    cfg.max_length, "<EXTRA_IMG_CONTEXT>" if mc.arch == "mpgui" else None,
+                                    point_prefix=data.VLASER_POINT_PREFIX if cfg.data_format == "vlaser" else None)
+    common = (tok, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
+    if cfg.data_format == "showui_grounding":
+        return data.ShowUIGrounding(cfg.data_dir, cfg.datasets, *common, cfg.num_turn, cfg.crop_min, cfg.crop_max,
+                                    cfg.xy_int)
+    if cfg.data_format == "showui_navigation":
+        return data.ShowUINavigation(cfg.data_dir, cfg.datasets, *common, cfg.num_history, cfg.interleaved_history,
+                                     cfg.num_turn)
+    return data.LlamaFactoryDataset(cfg.data_dir, cfg.datasets, *common, cfg.image_max_pixels, cfg.media_dir,
+                                    cfg.max_samples)
+
+
+def qwen_batch(b, mc, distributed):
+    """Under FSDP every rank runs every unit in every micro-batch: a text-only Qwen micro-batch gets a blank 4-token
+    image in an extra padding column of its first sample, masked out of attention and loss."""
+    if b["pixel_values"] is not None or not distributed:
+        return b
+    B, g = b["input_ids"].shape[0], 2 * mc.vit_merge  # a (1, g, g) patch grid = 4 merged tokens
+    col = torch.full((B, 4), mc.pad_token_id)
+    col[0] = mc.image_token_id
+    return dict(b, input_ids=torch.cat([b["input_ids"], col], 1), labels=torch.cat([b["labels"], col * 0 - 100], 1),
+                attention_mask=torch.cat([b["attention_mask"], col * 0], 1), image_grid_thw=torch.tensor([[1, g, g]]),
+                pixel_values=torch.zeros(g * g, 3 * mc.vit_temporal_patch * mc.vit_patch ** 2))
 
 
 def shard(m, cfg, device):
@@ -282,12 +342,12 @@ def main(argv):
         tok.save(os.path.join(cfg.out, "tokenizer.json"))
         print(json.dumps(dataclasses.asdict(cfg)))
     internvl = m.cfg.arch in ("internvl", "mpgui")
-    if not internvl:
-        raise NotImplementedError("train.py reads InternVL meta json; Qwen data formats come with their recipes")
-    ds = data.InternVLDataset(cfg.meta, tok, m.cfg.template, m.cfg.num_image_token, m.cfg.vit_image_size,
-                              cfg.max_tiles, cfg.max_length, "<EXTRA_IMG_CONTEXT>" if m.cfg.arch == "mpgui" else None)
-    for file, line, reason in ds.skipped if rank == 0 else []:
+    ds = build_dataset(cfg, tok, m.cfg)
+    for file, line, reason in ds.skipped if rank == 0 else []:  # line: jsonl line (from 1) or JSON record (from 0)
         print(f"skip {file}:{line}: {reason}")
+    if len(ds) < cfg.global_batch:
+        raise ValueError(f"{len(ds)} usable samples ({len(ds.skipped)} skipped), fewer than global_batch "
+                         f"{cfg.global_batch}")
     pad = m.cfg.pad_token_id
     steps_per_epoch = len(ds) // cfg.global_batch
     total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
@@ -331,10 +391,14 @@ def main(argv):
         for b in micro:
             if b["input_ids"] is None:
                 continue
+            b = b if internvl else qwen_batch(b, m.cfg, distributed)
             ids, labels = b["input_ids"].to(device), b["labels"].to(device)
             px = b["pixel_values"]  # zero tiles for a text-only batch: every rank still runs every FSDP unit
-            px = px if px is not None else torch.zeros(0, 3, m.cfg.vit_image_size, m.cfg.vit_image_size)
-            vision = {"pixel_values": px.to(device)}
+            if internvl:
+                px = px if px is not None else torch.zeros(0, 3, m.cfg.vit_image_size, m.cfg.vit_image_size)
+                vision = {"pixel_values": px.to(device)}
+            else:  # Qwen: patch rows + their grids, or nothing for text only
+                vision = {k: b[k].to(device) for k in ("pixel_values", "image_grid_thw") if b[k] is not None}
             with autocast:
                 logits = m(ids, b["attention_mask"].to(device), labels=labels, **vision)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
@@ -346,7 +410,7 @@ def main(argv):
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"non-finite loss {loss_val} at step {step + 1}; the last good checkpoint is "
                                      f"{latest_checkpoint(cfg.out)}")
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))  # 0: off
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
