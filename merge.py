@@ -31,7 +31,7 @@ def rebuild(run_cfg, state, device):
     if vocab != m.cfg.vocab_size:
         m.resize_vocab(vocab)
     lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, run_cfg["lora_llm_r"], run_cfg["lora_llm_alpha"],
-                      run_cfg["lora_vit_r"], run_cfg["lora_vit_alpha"])
+                      run_cfg["lora_vit_r"], run_cfg["lora_vit_alpha"], targets=run_cfg.get("lora_targets") or None)
     own = m.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
