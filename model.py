@@ -185,6 +185,7 @@ def special_token_id(folder, token):
 # attention: the one function every model calls
 
 ATTN_IMPL = "sdpa"  # "sdpa" (fused kernels) or "math" (plain softmax; tests check the fused path against it)
+_FLEX = None  # compiled FlexAttention, built on first use (packed rows on CUDA)
 
 
 def attention(q, k, v, mask=None, causal=False):
@@ -194,6 +195,12 @@ def attention(q, k, v, mask=None, causal=False):
     if k.shape[1] != q.shape[1]:  # grouped-query attention: query head i reads kv head i // (H / Hkv)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (packed rows, CUDA)
+        global _FLEX
+        if _FLEX is None:
+            from torch.nn.attention.flex_attention import flex_attention
+            _FLEX = torch.compile(flex_attention)
+        return _FLEX(q, k, v, block_mask=mask)
     if ATTN_IMPL == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -202,6 +209,54 @@ def attention(q, k, v, mask=None, causal=False):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def doc_block_mask(doc):
+    """FlexAttention BlockMask for packed rows: causal within each document of doc (B, T) ids; None off CUDA or
+    where torch has no FlexAttention (then the boolean mask of decoder_mask serves)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError:
+        return None
+    if not doc.is_cuda:
+        return None
+    B, T = doc.shape
+    return create_block_mask(lambda b, h, q, k: (doc[b, q] == doc[b, k]) & (q >= k), B, None, T, T, doc.device)
+
+
+def chunked_ce(h, weight, labels, chunk=1024):
+    """Sum of cross-entropy(h @ weight.T, labels) over the rows with labels != -100, never holding more than `chunk`
+    rows of fp32 logits: the gradients are computed chunk by chunk in forward (fused linear + CE, as Liger's)."""
+    keep = labels != -100
+    return _ChunkedCE.apply(h[keep], weight, labels[keep], chunk)
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, y, chunk):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if h.requires_grad else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
+        for i in range(0, len(h), chunk):
+            x, t = h[i:i + chunk], y[i:i + chunk]
+            z = (x @ w.T).float()  # logits in the matmul's dtype, then fp32, as head(h).float()
+            loss += F.cross_entropy(z, t, reduction="sum")
+            g = torch.softmax(z, -1)  # d loss / d z = softmax - onehot
+            g[torch.arange(len(t), device=t.device), t] -= 1
+            g = g.to(x.dtype)
+            if gh is not None:
+                gh[i:i + chunk] = g @ w.to(x.dtype)
+            if gw is not None:
+                gw += (g.T @ x).float()
+        ctx.save_for_backward(gh, gw)
+        ctx.w_dtype = w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        gh, gw = ctx.saved_tensors
+        return (gh * go.to(gh.dtype) if gh is not None else None,
+                (gw * go).to(ctx.w_dtype) if gw is not None else None, None, None)
 
 
 def segment_layout(seqlens, device):
@@ -711,11 +766,12 @@ class InternLM2Model(Qwen2Model):  # same loop; its own names
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def decoder_mask(key_valid, T, S, window=0, device=None):
+def decoder_mask(key_valid, T, S, window=0, device=None, doc=None):
     """One mask per forward for causal attention of T new queries over S keys (S - T cached), optionally limited
-    to the last `window` keys. key_valid (B, S) bool or None (no padding). Returns (mask or None, causal flag)."""
+    to the last `window` keys. key_valid (B, S) bool or None (no padding). doc (B, S) document ids of packed rows
+    or None: a token attends within its own document only. Returns (mask or None, causal flag)."""
     window = window if window and S > window else 0
-    if key_valid is None and not window and T == S:
+    if key_valid is None and not window and T == S and doc is None:
         return None, True  # the fused kernels' own causal path
     if key_valid is None and not window and T == 1:
         return None, False  # one new token sees every cached key
@@ -724,6 +780,8 @@ def decoder_mask(key_valid, T, S, window=0, device=None):
     mask = (kpos[None, :] <= qpos[:, None])[None, None]  # (1, 1, T, S)
     if window:
         mask = mask & (qpos[:, None] - kpos[None, :] < window)
+    if doc is not None:
+        mask = mask & (doc[:, None, -T:, None] == doc[:, None, None, :])
     if key_valid is not None:  # a padded query still sees itself, so no softmax row is empty
         mask = (mask & key_valid[:, None, None, :]) | (kpos[None, :] == qpos[:, None])
     return mask, False
@@ -759,7 +817,7 @@ class VLM(nn.Module):
         return self.decoder.get_submodule("tok_embeddings" if self.cfg.llm_arch == "internlm2" else "embed_tokens")(
             input_ids)
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, **vision):
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, doc=None, **vision):
         if cache is not None and cache.length:  # a decode step: a generated image token is an ordinary token
             x = self.tokens(input_ids)
         else:
@@ -770,16 +828,39 @@ class VLM(nn.Module):
         S = T + (cache.length if cache is not None else 0)
         cos, sin = rope(position_ids, self.cfg, x.dtype, S)
         key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        mask, causal = decoder_mask(key_valid, T, S, self.cfg.sliding_window, x.device)
+        mask, causal = decoder_mask(key_valid, T, S, self.cfg.sliding_window, x.device, doc)
         keep = self.token_keep(input_ids, cache, **vision) if hasattr(self, "token_keep") else None  # Qwen2-VL
+        if doc is not None and keep is None and key_valid is None and not self.cfg.sliding_window:
+            block = doc_block_mask(doc)  # CUDA: FlexAttention skips the blocks across documents
+            mask = mask if block is None else block
         h = self.decoder(x, cos, sin, mask, causal, cache, keep)
         if cache is not None:
             cache.length = S
         return h
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **vision):
-        """Logits (B, T, vocab) in fp32. `labels` only steer MP-GUI's prompt_only gate mask."""
-        return self.head(self.hidden(input_ids, attention_mask, labels=labels, **vision)).float()
+    def forward(self, input_ids, attention_mask=None, labels=None, return_loss=False, position_ids=None, doc=None,
+                **vision):
+        """Logits (B, T, vocab) in fp32; `labels` steer MP-GUI's prompt_only gate mask. return_loss: instead the sum
+        of next-token cross-entropy over the supervised labels, without materialising the logits (chunked_ce)."""
+        h = self.hidden(input_ids, attention_mask, position_ids, labels=labels, doc=doc, **vision)
+        if return_loss:  # inside forward, so FSDP2 has the head's weight unsharded
+            return chunked_ce(h[:, :-1].flatten(0, 1), self.head.weight, labels[:, 1:].flatten())
+        return self.head(h).float()
+
+    def pack(self, input_ids, attention_mask, labels, **vision):
+        """A padded micro-batch as one packed row: forward's kwargs with each sample's own positions (as unpacked),
+        document ids for the block-diagonal causal mask, and no label at a document's first token."""
+        if self.cfg.arch == "mpgui" and self.cfg.mpgui_mode == "fusion":
+            raise ValueError("pack: MP-GUI's fusion gate reads the whole row's prompt; pack only its perceiver stages")
+        pos, _ = self.positions(input_ids, attention_mask, **vision)
+        valid = attention_mask.bool()
+        if bool((input_ids[~valid] == self.cfg.image_token_id).any()):  # train.qwen_batch's blank FSDP image
+            raise ValueError("pack: image tokens in padding (a text-only Qwen micro-batch under FSDP) cannot be packed")
+        n = valid.sum(1)
+        first = torch.arange(labels.shape[1], device=labels.device) == valid.int().argmax(1, keepdim=True)
+        return dict(input_ids=input_ids[valid][None], labels=labels.masked_fill(first, -100)[valid][None],
+                    position_ids=pos[..., valid][..., None, :],
+                    doc=torch.repeat_interleave(torch.arange(len(n), device=n.device), n)[None], **vision)
 
     def splice(self, x, input_ids, feats, token=None):
         """Writes image features (n, C) over the image-context tokens of x (B, T, C), in order; counts must agree."""

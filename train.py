@@ -85,6 +85,8 @@ class TrainConfig:
     drop_path: float = 0.1  # ViT stochastic depth (the official runs keep 0.1 on the frozen ViT)
     bf16: bool = True  # bf16 compute (fp32 master weights, fp32 gradient reduction)
     activation_checkpointing: bool = True
+    pack: bool = False  # each micro-batch as one row, attention within each sample (no padding compute)
+    chunked_loss: bool = True  # fused head + cross-entropy in row chunks: no (tokens, vocab) fp32 logits
     group_by_length: bool = True
     num_workers: int = 4
     seed: int = 0
@@ -399,9 +401,15 @@ def main(argv):
                 vision = {"pixel_values": px.to(device)}
             else:  # Qwen: patch rows + their grids, or nothing for text only
                 vision = {k: b[k].to(device) for k in ("pixel_values", "image_grid_thw") if b[k] is not None}
+            kw = dict(input_ids=ids, attention_mask=b["attention_mask"].to(device), labels=labels, **vision)
+            kw = m.pack(**kw) if cfg.pack else kw
             with autocast:
-                logits = m(ids, b["attention_mask"].to(device), labels=labels, **vision)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+                if cfg.chunked_loss:
+                    loss = m(**kw, return_loss=True)
+                else:
+                    logits = m(**kw)
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), kw["labels"][:, 1:].flatten(),
+                                           reduction="sum")
             (loss / n_tok.clamp(min=1) * world).backward()  # FSDP averages over ranks: world * mean = global sum
             loss_sum += loss.detach()
         if distributed:
