@@ -4,7 +4,7 @@ them, with a held-out evaluation split. Boxes are 0-1000 integers (xyxy, normali
 official data.
 
 The world is small on purpose (a 4 x 4 layout grid, six colours, four glyphs, eight words) so that a model of a few
-million parameters learns it on a CPU in minutes: `python demo.py` trains the five MP-GUI stages on it.
+million parameters can learn parts of it on a CPU in minutes: `bash demo.sh` trains the five MP-GUI stages on it.
 """
 import json
 import os
