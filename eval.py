@@ -89,6 +89,8 @@ def evaluate(m, tok, a):
                    decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>", system=a.system,
                    images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.arch != "qwen2_vl" and m.cfg.arch !=
                    "qwen2_5_vl" else f"{a.min_pixels}..{a.max_pixels} pixels", datasets={})
+    if m.cfg.arch == "mpgui":
+        summary["mpgui_mode"] = m.cfg.mpgui_mode
     with open(os.path.join(a.out, "predictions.jsonl"), "w") as out:
         for spec in data.read_meta(a.data):
             kind = tasks.get(spec["name"].lower())
@@ -129,9 +131,16 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mpgui-mode", choices=["textual", "graphical", "spatial", "fusion"],
+                   help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
+                        "scores a model after its own stage (1-3), before the fusion gate is trained")
     a = p.parse_args(argv)
     t0 = time.time()
     m = M.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
+    if a.mpgui_mode:
+        if m.cfg.arch != "mpgui":
+            p.error(f"--mpgui-mode: {a.model} is {m.cfg.arch}, not an MP-GUI checkpoint")
+        m.cfg.mpgui_mode = a.mpgui_mode
     tok = data.load_tokenizer(m.folder)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")

@@ -216,9 +216,11 @@ def build(out, n_train=600, n_eval=100, seed=0):
     for (split, task), items in rows.items():
         with open(os.path.join(out, f"{split}_{task}.jsonl"), "w") as f:
             f.writelines(json.dumps(dict(it, id=k)) + "\n" for k, it in enumerate(items))
-    metas = {}
-    for stage, tasks in list(STAGES.items()) + [("eval", sorted({t for ts in STAGES.values() for t in ts}))]:
-        split = "eval" if stage == "eval" else "train"
+    metas = {}  # meta_{stage}.json trains a stage; meta_eval_{stage}.json scores it on held-out screens
+    every = sorted({t for ts in STAGES.values() for t in ts})
+    for stage, tasks in [(s, t) for s, t in STAGES.items()] + [(f"eval_{s}", t) for s, t in STAGES.items()] + \
+            [("eval", every)]:
+        split = "eval" if stage.startswith("eval") else "train"
         meta = {t: dict(root=out, annotation=os.path.join(out, f"{split}_{t}.jsonl"), data_augment=False,
                         repeat_time=1, length=str(len(rows[(split, t)]))) for t in tasks}
         metas[stage] = os.path.join(out, f"meta_{stage}.json")
@@ -264,14 +266,19 @@ def write_tiny_model(folder, texts, vit=(64, 2, 2, 128), llm=(128, 4, 4, 2, 344)
         m = M.InternVL(M.config_from_hf(cfg))
     g = torch.Generator().manual_seed(seed)
     state = {}
+    # Unit-scale activations (weights std 1/sqrt(fan_in), embeddings std 1), not the real models' std 0.02: at 0.02 a
+    # 192-wide model starts with flat attention and a frozen output head that caps every logit near 4 (loss >= 2.6
+    # nats per token under LoRA), and it never learned to look at the image within the demo's steps.
     for k, p in m.state_dict().items():
         if k.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ls1", "ls2", "mlp1.0.weight",
                        "attention_norm.weight", "ffn_norm.weight")):
             state[k] = torch.ones(p.shape)
         elif k.endswith("bias"):
             state[k] = torch.zeros(p.shape)
+        elif k.endswith(("tok_embeddings.weight", "position_embedding", "class_embedding")):
+            state[k] = torch.randn(p.shape, generator=g)
         else:
-            state[k] = torch.randn(p.shape, generator=g) * 0.02
+            state[k] = torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5
     save_file(state, os.path.join(folder, "model.safetensors"))
     return folder
 
