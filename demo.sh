@@ -29,11 +29,14 @@ print(f"{sys.argv[2]:10s} {rows[-1]['step']:4d} steps   loss {avg(rows[:k]):.3f}
 EOF
   python merge.py "$OUT/runs/$stage" "$OUT/merged/$stage" > "$OUT/merge_$stage.log" 2>&1 || { tail -20 "$OUT/merge_$stage.log"; exit 1; }
   base="$OUT/merged/$stage"
-  # the stage's own tasks on held-out screens, the EXTRA tokens from the part it trained (fusion gate from stage 4)
-  [ "$stage" = benchmark ] || python eval.py --model "$base" --data "$OUT/data/meta_eval_$stage.json" \
-    --out "$OUT/eval_$stage" --max-tiles 1 --limit 100 --batch-size 50 \
-    --mpgui-mode "$([ "$stage" = fusion ] && echo fusion || echo "$stage")" 2>&1 | grep "majority" | sed 's/^/    /'
+  # the stage's own tasks on held-out screens, the EXTRA tokens from the part it trained (a stage is named after it)
+  if [ "$stage" != benchmark ]; then
+    python eval.py --model "$base" --data "$OUT/data/meta_eval_$stage.json" --out "$OUT/eval_$stage" --max-tiles 1 \
+      --limit 100 --batch-size 50 --mpgui-mode "$stage" > "$OUT/eval_$stage.log" 2>&1 || { tail -20 "$OUT/eval_$stage.log"; exit 1; }
+    grep majority "$OUT/eval_$stage.log" | sed 's/^/    /'
+  fi
 done
 echo "final model ($base), every task on held-out screens:"
 python eval.py --model "$base" --data "$OUT/data/meta_eval.json" --out "$OUT/eval" --max-tiles 1 --limit 200 \
-  --batch-size 50 2>&1 | grep "majority" | sed 's/^/    /'
+  --batch-size 50 > "$OUT/eval.log" 2>&1 || { tail -20 "$OUT/eval.log"; exit 1; }
+grep majority "$OUT/eval.log" | sed 's/^/    /'

@@ -218,7 +218,7 @@ def build(out, n_train=600, n_eval=100, seed=0):
             f.writelines(json.dumps(dict(it, id=k)) + "\n" for k, it in enumerate(items))
     metas = {}  # meta_{stage}.json trains a stage; meta_eval_{stage}.json scores it on held-out screens
     every = sorted({t for ts in STAGES.values() for t in ts})
-    for stage, tasks in [(s, t) for s, t in STAGES.items()] + [(f"eval_{s}", t) for s, t in STAGES.items()] + \
+    for stage, tasks in list(STAGES.items()) + [(f"eval_{s}", t) for s, t in STAGES.items()] + \
             [("eval", every)]:
         split = "eval" if stage.startswith("eval") else "train"
         meta = {t: dict(root=out, annotation=os.path.join(out, f"{split}_{t}.jsonl"), data_augment=False,
