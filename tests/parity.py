@@ -23,6 +23,18 @@ TOL = 1e-4
 INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "greedy_prompt", "long_input_ids"}
 
 
+
+def pad(seqs, side, pad_id=0):
+    """Token lists -> (ids, attention mask), (B, T), padded on the left or the right (the live tests' batches)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[b, sl] = torch.tensor(s)
+        mask[b, sl] = 1
+    return ids, mask
+
 def rel_err(ours, ref, where=None):
     ours, ref = ours.float(), ref.float()
     if where is not None:

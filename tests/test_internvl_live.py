@@ -22,6 +22,7 @@ import transformers
 from safetensors.torch import save_file
 
 import model
+from parity import pad
 
 RTOL = 1e-4  # fp32: max |ours - ref| / max |ref| over the unpadded positions
 PAD = 0
@@ -205,17 +206,6 @@ def samples(case):
     rows = [text(4) + image(TILES[0]) + text(6), text(9) + image(TILES[1]) + text(3)]
     starts = [0, TILES[0]]
     return [(r, pixel_values[a:a + n]) for r, a, n in zip(rows, starts, TILES)], pixel_values
-
-
-def pad(seqs, side):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[b, sl] = torch.tensor(s)
-        mask[b, sl] = 1
-    return ids, mask
 
 
 def batch(case, side):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import model
+from parity import pad
 
 RTOL = 1e-4  # fp32: max |ours - ref| / max |ref| over the unpadded positions
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
@@ -169,17 +170,6 @@ def image_inputs(pixel_values, grid, which):
     starts = np.cumsum([0] + rows)
     pv = torch.cat([pixel_values[starts[i]:starts[i + 1]] for i in which])
     return pv, grid[which]
-
-
-def pad(seqs, side):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[b, sl] = torch.tensor(s)
-        mask[b, sl] = 1
-    return ids, mask
 
 
 def batch(side):
