@@ -32,11 +32,11 @@ EOF
   # the stage's own tasks on held-out screens, the EXTRA tokens from the part it trained (a stage is named after it)
   if [ "$stage" != benchmark ]; then
     python eval.py --model "$base" --data "$OUT/data/meta_eval_$stage.json" --out "$OUT/eval_$stage" --max-tiles 1 \
-      --limit 100 --batch-size 50 --mpgui-mode "$stage" > "$OUT/eval_$stage.log" 2>&1 || { tail -20 "$OUT/eval_$stage.log"; exit 1; }
+      --limit 100 --batch-size 50 --mpgui-mode "$stage" --shuffled-images > "$OUT/eval_$stage.log" 2>&1 || { tail -20 "$OUT/eval_$stage.log"; exit 1; }
     grep majority "$OUT/eval_$stage.log" | sed 's/^/    /'
   fi
 done
 echo "final model ($base), every task on held-out screens:"
-python eval.py --model "$base" --data "$OUT/data/meta_eval.json" --out "$OUT/eval" --max-tiles 1 --limit 200 \
+python eval.py --model "$base" --data "$OUT/data/meta_eval.json" --out "$OUT/eval" --max-tiles 1 --limit 200 --shuffled-images \
   --batch-size 50 > "$OUT/eval.log" 2>&1 || { tail -20 "$OUT/eval.log"; exit 1; }
 grep majority "$OUT/eval.log" | sed 's/^/    /'

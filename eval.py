@@ -97,19 +97,29 @@ def evaluate(m, tok, a):
             if kind is None:
                 raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
             lines = [json.loads(l) for l in open(spec["annotation"]) if l.strip()][:a.limit or None]
-            preds, golds = [], [l["conversations"][1]["value"] for l in lines]
-            for i in tqdm(range(0, len(lines), a.batch_size), desc=spec["name"]):
-                chunk = lines[i:i + a.batch_size]
-                prompts = [(l["conversations"][0]["value"], [Image.open(os.path.join(spec["root"], p)).convert("RGB")
-                            for p in ([l["image"]] if isinstance(l.get("image"), str) else l.get("image", []))],
-                            spec["max_dynamic_patch"]) for l in chunk]
-                preds += answer_batch(m, tok, prompts, a)[0]
-            for l, p in zip(lines, preds):
+            golds = [l["conversations"][1]["value"] for l in lines]
+            paths = [[l["image"]] if isinstance(l.get("image"), str) else l.get("image", []) for l in lines]
+            runs = {"prediction": paths}
+            if a.shuffled_images:  # each question asked of the next distinct screen of its dataset (a rotation)
+                screens = list(dict.fromkeys(p for ps in paths for p in ps))
+                nxt = dict(zip(screens, screens[1:] + screens[:1]))
+                runs["prediction_shuffled_images"] = [[nxt[p] for p in ps] for ps in paths]
+            preds = {k: [] for k in runs}
+            for k, imgs in runs.items():
+                for i in tqdm(range(0, len(lines), a.batch_size), desc=spec["name"] + k[10:]):
+                    prompts = [(l["conversations"][0]["value"], [Image.open(os.path.join(spec["root"], p))
+                                .convert("RGB") for p in ps], spec["max_dynamic_patch"])
+                               for l, ps in zip(lines[i:i + a.batch_size], imgs[i:i + a.batch_size])]
+                    preds[k] += answer_batch(m, tok, prompts, a)[0]
+            for j, l in enumerate(lines):
                 out.write(json.dumps(dict(dataset=spec["name"], id=l.get("id"), question=l["conversations"][0]
-                                          ["value"], answer=l["conversations"][1]["value"], prediction=p)) + "\n")
+                                          ["value"], answer=golds[j], **{k: v[j] for k, v in preds.items()})) + "\n")
             majority = Counter(golds).most_common(1)[0][0]
-            summary["datasets"][spec["name"]] = dict(scorer=kind, n=len(lines), score=score(kind, preds, golds),
-                                                     majority_baseline=score(kind, [majority] * len(golds), golds))
+            r = summary["datasets"][spec["name"]] = dict(scorer=kind, n=len(lines),
+                                                         score=score(kind, preds["prediction"], golds))
+            if a.shuffled_images:
+                r["shuffled_images"] = score(kind, preds["prediction_shuffled_images"], golds)
+            r["majority_baseline"] = score(kind, [majority] * len(golds), golds)
     json.dump(summary, open(os.path.join(a.out, "summary.json"), "w"), indent=1)
     return summary
 
@@ -131,6 +141,8 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shuffled-images", action="store_true", help="--data: also score every question asked of "
+                   "another screen of its dataset, to show how much of a score comes from the image, not the text")
     p.add_argument("--mpgui-mode", choices=["textual", "graphical", "spatial", "fusion"],
                    help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
                         "scores a model after its own stage (1-3), before the fusion gate is trained")
@@ -148,7 +160,9 @@ def main(argv=None):
         summary = evaluate(m, tok, a)
         for name, r in summary["datasets"].items():
             fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float))
-            print(f"{name:<16} n={r['n']:<5} {fmt(r['score'])}   (majority answer: {fmt(r['majority_baseline'])})")
+            shuffled = f"shuffled images: {fmt(r['shuffled_images'])}; " if "shuffled_images" in r else ""
+            print(f"{name:<16} n={r['n']:<5} {fmt(r['score'])}   ({shuffled}majority answer: "
+                  f"{fmt(r['majority_baseline'])})")
         return summary
     if not a.prompt:
         p.error("give --prompt (with --image) or --data")

@@ -1,8 +1,11 @@
-"""eval.py's scorers: hand-computed cases, and CIDEr-D / ROUGE-L against pycocoevalcap / rouge-score."""
+"""eval.py's scorers: hand-computed cases, and CIDEr-D / ROUGE-L against pycocoevalcap / rouge-score; the
+shuffled-images control on a stand-in model."""
+import json
 import math
 import random
 
 import pytest
+from PIL import Image
 from pycocoevalcap.cider.cider_scorer import CiderScorer
 from rouge_score import rouge_scorer
 
@@ -202,3 +205,29 @@ def test_mind2web_scores():
     wrong_op = dict(steps[0], pred_action="TYPE", pred_value="x")  # {TYPE x} vs {CLICK}: F1 0
     assert E.mind2web_scores([wrong_op])["op_f1"] == 0.0 and E.mind2web_scores([])["step_sr"] == 0.0
     assert not math.isnan(E.mind2web_scores([])["op_f1_macro"])
+
+
+def test_shuffled_images_control(tmp_path, monkeypatch):
+    """--shuffled-images asks every question again of the next distinct screen of its dataset: a stand-in model that
+    answers with the colour of the image it is shown scores 1.0 on the true screens and 0.0 on the shuffled ones."""
+    from types import SimpleNamespace
+    colours = ["red", "green", "blue"]
+    for c in colours:
+        Image.new("RGB", (8, 8), c).save(tmp_path / f"{c}.png")
+    with open(tmp_path / "colour.jsonl", "w") as f:  # two questions per screen, as the world writes them
+        for k, c in enumerate(colours * 2):
+            f.write(json.dumps(dict(id=k, image=f"{c}.png", conversations=[
+                {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": c}])) + "\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"colour": dict(root=str(tmp_path), annotation=str(tmp_path / "colour.jsonl"),
+                                               data_augment=False, repeat_time=1)}))
+    names = {Image.new("RGB", (1, 1), c).getpixel((0, 0)): c for c in colours}
+    monkeypatch.setattr(E, "answer_batch", lambda m, tok, prompts, a: (
+        [names[images[0].getpixel((0, 0))] for _, images, _ in prompts], 0))
+    m = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", template="internlm2-chat"))
+    a = SimpleNamespace(task=["colour=match"], out=str(tmp_path / "out"), max_new_tokens=8, system=None, max_tiles=1,
+                        data=str(meta), limit=0, batch_size=4, shuffled_images=True)
+    r = E.evaluate(m, None, a)["datasets"]["colour"]
+    assert r["score"]["accuracy"] == 1.0 and r["shuffled_images"]["accuracy"] == 0.0 and r["n"] == 6
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert [r["prediction_shuffled_images"] for r in rows] == ["green", "blue", "red"] * 2
