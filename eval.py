@@ -102,6 +102,9 @@ def evaluate(m, tok, a):
             runs = {"prediction": paths}
             if a.shuffled_images:  # each question asked of the next distinct screen of its dataset (a rotation)
                 screens = list(dict.fromkeys(p for ps in paths for p in ps))
+                if len(screens) < 2:
+                    raise ValueError(f"--shuffled-images: dataset {spec['name']!r} has {len(screens)} distinct "
+                                     "image(s); the control needs two or more")
                 nxt = dict(zip(screens, screens[1:] + screens[:1]))
                 runs["prediction_shuffled_images"] = [[nxt[p] for p in ps] for ps in paths]
             preds = {k: [] for k in runs}

@@ -231,3 +231,8 @@ def test_shuffled_images_control(tmp_path, monkeypatch):
     assert r["score"]["accuracy"] == 1.0 and r["shuffled_images"]["accuracy"] == 0.0 and r["n"] == 6
     rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
     assert [r["prediction_shuffled_images"] for r in rows] == ["green", "blue", "red"] * 2
+    with open(tmp_path / "colour.jsonl", "w") as f:  # one screen only: nothing to shuffle with, an error
+        f.write(json.dumps(dict(id=0, image="red.png", conversations=[
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}])) + "\n")
+    with pytest.raises(ValueError, match="'colour' has 1 distinct image"):
+        E.evaluate(m, None, a)
