@@ -3,6 +3,7 @@ shuffled-images control on a stand-in model."""
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -210,7 +211,6 @@ def test_mind2web_scores():
 def test_shuffled_images_control(tmp_path, monkeypatch):
     """--shuffled-images asks every question again of the next distinct screen of its dataset: a stand-in model that
     answers with the colour of the image it is shown scores 1.0 on the true screens and 0.0 on the shuffled ones."""
-    from types import SimpleNamespace
     colours = ["red", "green", "blue"]
     for c in colours:
         Image.new("RGB", (8, 8), c).save(tmp_path / f"{c}.png")
