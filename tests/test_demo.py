@@ -4,6 +4,9 @@ and the relation accuracy on held-out screens must beat the majority answer by a
 (`bash demo.sh`, all five stages) is timed in the README."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +59,30 @@ def test_spatial_stage_learns_relations(world_dir, capsys):
     acc, chance = got["score"]["accuracy"], got["majority_baseline"]["accuracy"]
     assert summary["mpgui_mode"] == "spatial" and got["n"] == sum(1 for _ in open(f"{out}/data/eval_relation.jsonl"))
     assert acc >= chance + MARGIN, (acc, chance)
+
+
+def test_lookup_world(tmp_path):
+    """tools/lookup_world.py: icon questions by colour alone, only for colours unique among the screen's icons, the
+    answer the icon's box; --only keeps one colour; a data folder drawn from another seed is refused."""
+    data = str(tmp_path / "data")
+    world.build(data, n_train=12, n_eval=4)
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "lookup_world.py")
+    run = lambda *a: subprocess.run([sys.executable, tool, data, *a], capture_output=True, text=True)
+    assert run(str(tmp_path / "all")).returncode == 0 and run(str(tmp_path / "red"), "--only", "red").returncode == 0
+    rows = [json.loads(line) for line in open(tmp_path / "all" / "train.jsonl")]
+    asked = set()
+    for r in rows:
+        colour = re.fullmatch(r"<image>\nGive the bounding box of the (\w+) icon\.", r["conversations"][0]["value"])[1]
+        i = int(re.fullmatch(r"images/train_(\d+)\.png", r["image"])[1])
+        icons = [e for e in world.make_screen(i)[1] if e["type"] == "icon" and e["color"] == colour]
+        assert len(icons) == 1 and r["conversations"][1]["value"] == world.box_text(icons[0]["box"])
+        asked.add((i, colour))
+    expect = {(i, e["color"]) for i in range(12) for e in world.make_screen(i)[1] if e["type"] == "icon"
+              and sum(x["type"] == "icon" and x["color"] == e["color"] for x in world.make_screen(i)[1]) == 1}
+    assert asked == expect and len(rows) == len(expect)
+    red = [json.loads(line) for line in open(tmp_path / "red" / "train.jsonl")]
+    assert red == [dict(r, id=k) for k, r in enumerate(x for x in rows if " red " in x["conversations"][0]["value"])]
+    meta = json.load(open(tmp_path / "all" / "meta_eval.json"))["icon_grounding"]
+    assert meta["root"] == os.path.abspath(data) and int(meta["length"]) > 0
+    bad = run(str(tmp_path / "bad"), "--seed", "1")
+    assert bad.returncode != 0 and "train_0.png: not the screen seed 100003 draws" in bad.stderr
