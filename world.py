@@ -192,12 +192,18 @@ STAGES = {  # which tasks each MP-GUI stage trains on
 }
 
 
+def first_seed(split, seed=0):
+    """make_screen's seed for screen 0 of a split built with `seed` (screen i: this + i)."""
+    return seed * 100003 + (10 ** 6 if split == "eval" else 0)
+
+
 def build(out, n_train=600, n_eval=100, seed=0):
     """Writes out/images, one jsonl per (split, task), one meta json per stage (train), the eval meta, and ShowUI
     grounding metadata (out/showui/metadata.json). Returns {stage: meta path, "eval": meta path}."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = {}
-    for split, n, base in (("train", n_train, seed * 100003), ("eval", n_eval, seed * 100003 + 10 ** 6)):
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        base = first_seed(split, seed)
         rng = random.Random(base)
         showui = []
         for i in range(n):
