@@ -155,10 +155,9 @@ def samples(img_path, els, rng):
         out["bbox2text"].append(conv(f"What text is in {box_text(e['box'])}?", e["text"]))
         if sum(x["text"] == e["text"] for x in words) == 1:
             out["text2bbox"].append(conv(f"Where is the text \"{e['text']}\"?", box_text(e["box"])))
-    for e in icons:
-        if unique(e, icons):
-            out["icon_grounding"].append(conv(f"Give the bounding box of the {e['color']} {e['glyph']}.",
-                                              box_text(e["box"])))
+    for e in icons:  # asked by colour alone, for a colour one icon of the screen has (cf. AITW's unique-type filter)
+        if sum(x["color"] == e["color"] for x in icons) == 1:
+            out["icon_grounding"].append(conv(f"Give the bounding box of the {e['color']} icon.", box_text(e["box"])))
     pairs = [(a, b) for a in els for b in els if a is not b]
     rng.shuffle(pairs)
     by_type = {}
