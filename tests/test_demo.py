@@ -62,18 +62,18 @@ def test_spatial_stage_learns_relations(world_dir, capsys):
 def test_icon_grounding_asks_by_colour_alone(tmp_path):
     """Icon questions name a colour only, only for a colour that one icon of the screen has; the answer is its box."""
     world.build(str(tmp_path), n_train=12, n_eval=4)
-    for split, first in (("train", world.first_seed("train")), ("eval", world.first_seed("eval"))):
+    for split, n_screens in (("train", 12), ("eval", 4)):
+        screens = [world.make_screen(world.first_seed(split) + i)[1] for i in range(n_screens)]
         asked, n = set(), 0
         for line in open(tmp_path / f"{split}_icon_grounding.jsonl"):
             r = json.loads(line)
             q, a = (t["value"] for t in r["conversations"])
             colour = re.fullmatch(r"<image>\nGive the bounding box of the (\w+) icon\.", q)[1]
             i = int(re.fullmatch(rf"images/{split}_(\d+)\.png", r["image"])[1])
-            icons = [e for e in world.make_screen(first + i)[1] if e["type"] == "icon" and e["color"] == colour]
+            icons = [e for e in screens[i] if e["type"] == "icon" and e["color"] == colour]
             assert len(icons) == 1 and a == world.box_text(icons[0]["box"])
             asked.add((i, colour))
             n += 1
-        screens = [world.make_screen(first + i)[1] for i in range(12 if split == "train" else 4)]
         expect = {(i, e["color"]) for i, els in enumerate(screens) for e in els if e["type"] == "icon"
                   and sum(x["type"] == "icon" and x["color"] == e["color"] for x in els) == 1}
         assert asked == expect and n == len(expect) > 0
