@@ -12,7 +12,6 @@ import re
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer
 
 # -----------------------------------------------------------------------------
 # Qwen2-VL / Qwen2.5-VL
@@ -75,16 +74,6 @@ def qwen_images(images, min_pixels, max_pixels):
     return torch.cat([pv for pv, _ in out]), torch.stack([g for _, g in out])  # (sum N, 1176), (n, 3)
 
 
-def load_tokenizer(path):
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(file) and os.path.isfile(os.path.join(path, "tokenizer.model")):
-        return load_spm_folder(path)  # InternLM2 ships SentencePiece only: converted at the end of this file
-    if not os.path.isfile(file):
-        where = os.path.dirname(file) or "."
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model found in {where} (looked for {file})")
-    return Tokenizer.from_file(file)
-
-
 def render_chatml(messages, system="You are a helpful assistant.", add_generation_prompt=True):
     # the official Qwen2-VL chat template; system=None drops the default system turn (ShowUI does)
     image = VISION_START + IMAGE_PAD + VISION_END
@@ -128,6 +117,7 @@ def encode_qwen(tokenizer, messages, images, min_pixels, max_pixels, system="You
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+EXTRA_CONTEXT = "<EXTRA_IMG_CONTEXT>"  # MP-GUI: one per context token, filled by a perceiver or the fusion gate
 IM_END = "<|im_end|>"
 IGNORE_INDEX = -100
 TEMPLATES = {
@@ -784,105 +774,3 @@ class LlamaFactoryDataset(QwenDataset):
         pieces = [(render_chatml([dict(role="user", content=x)], system=None if k else system), False) if k % 2 == 0
                   else (x.replace("<image>", IMAGE) + IM_END + "\n", True) for k, x in enumerate(texts)]
         return pieces, images
-
-
-# -----------------------------------------------------------------------------
-# InternLM2 / SentencePiece tokenizers
-# InternVL2-2B/8B/26B (InternLM2) ship only a SentencePiece tokenizer.model. We rebuild it as a `tokenizers` BPE
-# (transformers' converter recipe) with a hand-rolled protobuf reader, so neither sentencepiece nor protobuf is needed.
-
-import struct  # noqa: E402
-
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors  # noqa: E402
-
-
-def _proto_fields(buf):
-    # protobuf wire format: varint key = field << 3 | wire type (0 varint, 1 fixed64, 2 length-prefixed, 5 fixed32)
-    def varint(i):
-        out = shift = 0
-        while True:
-            out, shift, i = out | (buf[i] & 0x7F) << shift, shift + 7, i + 1
-            if buf[i - 1] < 0x80:
-                return out, i
-    i = 0
-    while i < len(buf):
-        key, i = varint(i)
-        wire = key & 7
-        if wire not in (0, 1, 2, 5):
-            raise ValueError(f"not a SentencePiece model: protobuf wire type {wire}")
-        if wire == 0:
-            val, i = varint(i)
-        else:
-            n, i = varint(i) if wire == 2 else ({1: 8, 5: 4}[wire], i)
-            val, i = buf[i:i + n], i + n
-        yield key >> 3, val
-
-
-def read_spm_model(model_file):
-    # ModelProto: 1 pieces {1 piece, 2 score, 3 type}, 2 trainer_spec {3 model_type, 35 byte_fallback, 41 bos_id},
-    # 3 normalizer_spec {2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces}
-    with open(model_file, "rb") as f:
-        fields = list(_proto_fields(f.read()))
-    sub = lambda n: dict(_proto_fields(b"".join(v for k, v in fields if k == n)))  # noqa: E731 (repeats merge)
-    pieces = [(p[1].decode(), struct.unpack("<f", p.get(2, bytes(4)))[0], p.get(3, 1))  # type: 1 NORMAL by default
-              for p in (dict(_proto_fields(v)) for k, v in fields if k == 1)]
-    trainer, norm = sub(2), sub(3)
-    if trainer.get(3, 1) != 2:  # model_type: 1 UNIGRAM (the default), 2 BPE, 3 WORD, 4 CHAR
-        raise ValueError(f"{model_file}: SentencePiece model_type {trainer.get(3, 1)} is not BPE (2); "
-                         "only BPE is supported")
-    return pieces, trainer, norm
-
-
-def spm_to_tokenizer(model_file, added_tokens=None, add_bos=True):
-    # added_tokens {id: content}: HF configs rename pieces (InternLM2's [UNUSED_TOKEN_*] -> <|im_end|>) and append more
-    pieces, trainer, norm = read_spm_model(model_file)
-    added_tokens = added_tokens or {}
-    names = {i: p for i, (p, _, _) in enumerate(pieces)} | added_tokens
-    vocab = {t: i for i, t in names.items()}
-    # sentencepiece BPE merges the adjacent pair whose concatenation is the best-scoring normal piece (leftmost first),
-    # so every split of a normal piece into two vocab pieces is a merge, ranked by the piece's score, then its id
-    merges = sorted((-score, i, vocab[t[:k]], vocab[t[k:]], k) for i, (_, score, typ) in enumerate(pieces) if typ == 1
-                    for t in [names[i]] for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab)
-    unk = names[next(i for i, (_, _, typ) in enumerate(pieces) if typ == 2)]
-    tok = Tokenizer(models.BPE(vocab, [(names[i][:k], names[i][k:]) for _, i, _, _, k in merges], unk_token=unk,
-                               fuse_unk=True, byte_fallback=bool(trainer.get(35, 0))))
-    # unknown / control / user-defined pieces and the config's tokens are cut out whole before the BPE sees the text
-    special = sorted({i for i, (_, _, typ) in enumerate(pieces) if typ in (2, 3, 4)} | set(added_tokens))
-    tok.add_special_tokens([AddedToken(names[i], normalized=False, special=True) for i in special])
-    # sentencepiece's normalizer, which HF runs on each stretch of text between added tokens: exactly what
-    # transformers' slow InternLM2Tokenizer does (sp_model.encode per stretch), not one sp.encode of the whole text,
-    # where the dummy ▁ and the stripping of spaces see across user-defined pieces (whole "x  <img>y" -> "▁x▁<img>y",
-    # per stretch "▁x", "<img>", "▁y", with both flags on).
-    # charsmap: e.g. nmt_nfkc, as transformers does (close, not exact: "\r\n"); InternLM2's "identity" has none
-    dummy, collapse = norm.get(3, 1), norm.get(4, 1)  # add_dummy_prefix (InternLM2: off), remove_extra_whitespaces
-    norms = [normalizers.Precompiled(norm[2])] if norm.get(2) else []
-    if collapse:  # drops leading spaces and squeezes runs; only " " (after the charsmap) counts: tab, \n, NBSP stay.
-        # Oniguruma's ^ and $ match at every line, hence \A and \z
-        norms += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
-    norms.append(normalizers.Replace(" ", "▁"))
-    if dummy:  # ▁ before every non-empty stretch, before leading whitespace too, as sentencepiece does
-        norms.append(normalizers.Prepend("▁"))
-    if collapse:  # trailing spaces go after escaping and the prefix, so a trailing literal ▁ goes too ("a▁ " -> "a")
-        norms.append(normalizers.Replace(Regex(r"▁+\z"), ""))
-    tok.normalizer = normalizers.Sequence(norms)
-    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if dummy:
-        dec.append(decoders.Strip(" ", 1, 0))
-    tok.decoder = decoders.Sequence(dec)
-    bos = trainer.get(41, 1)  # bos_id; a disabled -1 reads as a huge varint
-    if add_bos and bos in names:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{names[bos]} $A", pair=f"{names[bos]} $A {names[bos]} $B", special_tokens=[(names[bos], bos)])
-    return tok
-
-
-def load_spm_folder(folder):
-    # HF files beside tokenizer.model: added_tokens.json appends tokens ({content: id}); tokenizer_config.json's
-    # added_tokens_decoder renames pieces and appends tokens (its names win) and add_bos_token says whether <s> leads
-    def read(name):
-        f = os.path.join(folder, name)
-        return json.load(open(f)) if os.path.isfile(f) else {}
-    config = read("tokenizer_config.json")
-    added = {i: t for t, i in read("added_tokens.json").items()}
-    added.update({int(i): t["content"] for i, t in config.get("added_tokens_decoder", {}).items()})
-    return spm_to_tokenizer(os.path.join(folder, "tokenizer.model"), added, config.get("add_bos_token", True))

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-import model as M
+import load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dataset name (meta key, lower case) -> scorer; --task NAME=SCORER overrides. MP-GUI's benchmark names, then the
@@ -151,12 +151,12 @@ def main(argv=None):
                         "scores a model after its own stage (1-3), before the fusion gate is trained")
     a = p.parse_args(argv)
     t0 = time.time()
-    m = M.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
+    m = load.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
     if a.mpgui_mode:
         if m.cfg.arch != "mpgui":
             p.error(f"--mpgui-mode: {a.model} is {m.cfg.arch}, not an MP-GUI checkpoint")
         m.cfg.mpgui_mode = a.mpgui_mode
-    tok = data.load_tokenizer(m.folder)
+    tok = load.load_tokenizer(m.folder)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
     if a.data:

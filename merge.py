@@ -15,8 +15,9 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+import data
+import load
 import lora
-import model as M
 
 TOL = 1e-4  # fp32; the merge itself is done in fp32 whatever the storage dtype
 
@@ -24,21 +25,20 @@ TOL = 1e-4  # fp32; the merge itself is done in fp32 whatever the storage dtype
 def rebuild(run_cfg, state, device):
     """The run's model exactly: base + new/trained tensors from the checkpoint + adapters (unmerged)."""
     run = run_cfg["out"]
-    m = M.load_model(run_cfg["base"], dtype=torch.float32, device=device, mpgui=run_cfg["mpgui"],
-                     special_ids={"extra_token_id": M.special_token_id(run, "<EXTRA_IMG_CONTEXT>")})  # as trained
+    m = load.load_model(run_cfg["base"], dtype=torch.float32, device=device, mpgui=run_cfg["mpgui"],
+                        extra_token_id=load.special_token_id(run, data.EXTRA_CONTEXT),  # the id as trained
+                        mpgui_mode="fusion", gate_mask=run_cfg["gate_mask"])
     vocab = max((t.shape[0] for k, t in state.items() if k.endswith(("tok_embeddings.weight", "embed_tokens.weight"))),
                 default=m.cfg.vocab_size)
     if vocab != m.cfg.vocab_size:
         m.resize_vocab(vocab)
-    lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, run_cfg["lora_llm_r"], run_cfg["lora_llm_alpha"],
-                      run_cfg["lora_vit_r"], run_cfg["lora_vit_alpha"], targets=run_cfg.get("lora_targets") or None)
+    lora.add_adapters(m, run_cfg["lora_llm_r"], run_cfg["lora_llm_alpha"], run_cfg["lora_vit_r"],
+                      run_cfg["lora_vit_alpha"], targets=run_cfg.get("lora_targets") or None)
     own = m.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise ValueError(f"checkpoint tensors the rebuilt model lacks: {unknown[:5]}")
     m.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-    if m.cfg.arch == "mpgui":
-        m.cfg.mpgui_mode, m.cfg.gate_mask = "fusion", run_cfg["gate_mask"]
     return m.eval()
 
 
@@ -47,12 +47,14 @@ def probe(m, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = m.cfg
     special = torch.tensor([t for t in (c.image_token_id, c.extra_token_id) if t is not None])
-    text = lambda n: (lambda t: torch.where(torch.isin(t, special), 5, t))(  # ordinary tokens only
-        torch.randint(0, min(c.vocab_size, 1000), (n,), generator=g))
-    if c.arch in ("internvl", "mpgui"):
+
+    def text(n):  # random ids among the first 1,000 (every tiny vocabulary has them), an image token replaced by 5
+        t = torch.randint(0, min(c.vocab_size, 1000), (n,), generator=g)
+        return torch.where(torch.isin(t, special), 5, t)
+    if c.is_internvl:
         vision = dict(pixel_values=torch.randn(1, 3, c.vit_image_size, c.vit_image_size, generator=g))
-        img = torch.tensor([c.image_token_id] * c.num_image_token + [c.extra_token_id] * c.num_image_token *
-                           (c.arch == "mpgui"))
+        extra = [c.extra_token_id] * c.num_image_token if c.is_mpgui else []
+        img = torch.tensor([c.image_token_id] * c.num_image_token + extra)
     else:  # one 56-px image: 4 x 4 patches -> 4 tokens
         vision = dict(pixel_values=torch.randn(16, 3 * c.vit_temporal_patch * c.vit_patch ** 2, generator=g),
                       image_grid_thw=torch.tensor([[1, 4, 4]]))
@@ -68,8 +70,8 @@ def write(m, out, base_folder, run, shard_bytes):
     sd = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
     if m.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # tied: the official files store the embedding only
-    base_cfg = json.load(open(os.path.join(base_folder, "config.json")))
-    dtype = base_cfg.get("torch_dtype") or base_cfg.get("dtype") or "bfloat16"  # transformers 5 writes "dtype"
+    base_json = load.read_json(base_folder, "config.json")
+    dtype = base_json.get("torch_dtype") or base_json.get("dtype") or "bfloat16"  # transformers 5 writes "dtype"
     cast = getattr(torch, dtype) if isinstance(getattr(torch, str(dtype), None), torch.dtype) else torch.bfloat16
     shards, size = [{}], 0
     for k in sorted(sd):
@@ -86,22 +88,25 @@ def write(m, out, base_folder, run, shard_bytes):
     for f in glob.glob(os.path.join(base_folder, "*")):  # config, tokenizer, generation config, remote code
         if not f.endswith((".safetensors", ".safetensors.index.json", ".bin")) and os.path.isfile(f):
             shutil.copy(f, tmp)
-    cfg = json.load(open(os.path.join(tmp, "config.json")))
-    if m.cfg.arch in ("internvl", "mpgui"):
-        cfg["llm_config"]["vocab_size"] = m.cfg.vocab_size
-        if m.cfg.arch == "mpgui":  # the released flags: EXTRA from the fusion gate at inference
-            cfg.update(architectures=["MPGUI"], use_gate_layer=True, train_textual_perceiver=False,
-                       train_graphical_perceiver=False, train_spatial_perceiver=False, train_fusion_gate=False)
+    config_json = load.read_json(tmp, "config.json")
+    if m.cfg.is_internvl:
+        config_json["llm_config"]["vocab_size"] = m.cfg.vocab_size
+        if m.cfg.is_mpgui:  # the released flags: EXTRA from the fusion gate at inference
+            config_json.update(architectures=["MPGUI"], use_gate_layer=True, train_textual_perceiver=False,
+                               train_graphical_perceiver=False, train_spatial_perceiver=False, train_fusion_gate=False)
     else:
-        (cfg["text_config"] if "text_config" in cfg else cfg)["vocab_size"] = m.cfg.vocab_size
-    json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+        (config_json["text_config"] if "text_config" in config_json else config_json)["vocab_size"] = m.cfg.vocab_size
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config_json, f, indent=2)
     if os.path.exists(os.path.join(run, "tokenizer.json")):  # the tokenizer as trained, added tokens included
         shutil.copy(os.path.join(run, "tokenizer.json"), tmp)
-        extra = {t["content"]: t["id"] for t in json.load(open(os.path.join(run, "tokenizer.json")))["added_tokens"]
-                 if t["content"] == "<EXTRA_IMG_CONTEXT>"}
+        added = load.read_json(run, "tokenizer.json")["added_tokens"]
+        extra = {t["content"]: t["id"] for t in added if t["content"] == data.EXTRA_CONTEXT}
         path = os.path.join(tmp, "added_tokens.json")  # read by the SentencePiece (InternVL2) loaders
         if extra and os.path.exists(path):
-            json.dump({**json.load(open(path)), **extra}, open(path, "w"), indent=2)
+            tokens = {**load.read_json(tmp, "added_tokens.json"), **extra}
+            with open(path, "w") as f:
+                json.dump(tokens, f, indent=2)
     return tmp, cast
 
 
@@ -125,10 +130,9 @@ def main(argv=None):
         ref = m(ids, **vision)  # base + adapters, unmerged
         lora.merge(m)
         err = rel(m(ids, **vision), ref)  # the merge arithmetic itself, fp32
-    tmp, dtype = write(m, a.out, M.resolve(run_cfg["base"]), a.run, int(a.shard_gb * 2**30))
-    merged = M.load_model(tmp, dtype=torch.float32, device=a.device)  # the files, through the ordinary loader
-    if merged.cfg.arch == "mpgui":
-        merged.cfg.gate_mask = run_cfg["gate_mask"]
+    tmp, dtype = write(m, a.out, load.resolve(run_cfg["base"]), a.run, int(a.shard_gb * 2**30))
+    # the files, through the ordinary loader
+    merged = load.load_model(tmp, dtype=torch.float32, device=a.device, gate_mask=run_cfg["gate_mask"])
     with torch.no_grad():
         for p in m.parameters():  # what the files hold: the merged weights rounded to the base's storage dtype
             p.copy_(p.to(dtype))

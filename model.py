@@ -1,33 +1,33 @@
-"""Vision-language backbones in plain PyTorch, loaded from the official safetensors under their official key names.
+"""Vision-language backbones in plain PyTorch: tensors only (load.py reads the checkpoint folders).
 
 Qwen2-VL / Qwen2.5-VL: a ViT over 14x14 patches (2-D RoPE, per-image or windowed attention), a 2x2 patch merger,
 and a Qwen2 decoder with multimodal RoPE (M-RoPE).
 InternVL2 / InternVL3: InternViT over 448-px tiles, pixel shuffle (2x2 space-to-depth), the `mlp1` projector, and
 an InternLM2 (InternVL2) or Qwen2 (InternVL3) decoder with 1-D RoPE.
-Module and parameter names equal the checkpoint keys, so `model.state_dict()` is the file's key set (the tied head
-aside).
+MP-GUI: InternVL2 + the perceivers and fusion gate of perceivers.py. ShowUI: Qwen2-VL + the token selection of
+token_select.py. Module and parameter names equal the checkpoint keys, so `model.state_dict()` is the file's key set
+(the tied head aside). Sources: transformers models/qwen2_vl/modeling_qwen2_vl.py and
+models/qwen2_5_vl/modeling_qwen2_5_vl.py; OpenGVLab/InternVL internvl_chat/internvl/model/ (internvl_chat/
+modeling_internvl_chat.py, internvl_chat/modeling_intern_vit.py, internlm2/modeling_internlm2.py).
 """
-import json
 import math
-import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
 from perceivers import FusionGate, init_perceiver, perceiver
+from token_select import keep_layout, parse_skip_layers, select_mask, ui_graph
 
 # ----------------------------------------------------------------------------------------------------------------------
-# config: one flat dataclass, filled from the official config.json (flat 4.x layout or nested 5.x `text_config`)
+# config: one flat dataclass, filled from the official config.json by load.config_from_hf
 
 
 @dataclass
 class ModelConfig:
-    arch: str  # qwen2_vl | qwen2_5_vl
+    arch: str  # qwen2_vl | qwen2_5_vl | internvl | mpgui
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -43,11 +43,11 @@ class ModelConfig:
     vision_start_token_id: int
     eos_token_ids: list  # end-of-turn ids that stop generation
     pad_token_id: int
-    vit_hidden: int  # ViT width
-    vit_out: int  # merger output = LLM width
-    vit_depth: int
-    vit_heads: int
-    vit_intermediate: int
+    vit_hidden_size: int  # ViT width
+    vit_out_hidden_size: int  # merger output = LLM width
+    vit_num_layers: int
+    vit_num_heads: int
+    vit_intermediate_size: int
     vit_act: str
     vit_patch: int = 14
     vit_temporal_patch: int = 2
@@ -72,7 +72,7 @@ class ModelConfig:
     im_start_token_id: int = None  # <|im_start|>: the prompt_only gate mask cuts at the last one
     mpgui_mode: str = "fusion"  # which source fills EXTRA: textual | graphical | spatial (stages 1-3) | fusion
     gate_mask: str = "prompt_only"  # fusion-gate keys: official (answer leaks in, as released) | prompt_only
-    # ShowUI's UI-guided token selection (Qwen2-VL decoder; showui_tongui.md B.1-B.2), off by default
+    # ShowUI's UI-guided token selection (Qwen2-VL decoder; token_select.py), off by default
     lm_skip_layer: str = "[1,28,0]"  # "[start,end,0|1],...": 1-indexed inclusive layer ranges, later ones win
     lm_skip_ratio: float = 0.0  # share of each UI component's image tokens a selecting layer skips
     lm_skip_rand: bool = False  # training: a random subset of each component instead of evenly spaced tokens
@@ -80,105 +80,13 @@ class ModelConfig:
     uigraph_train: bool = True  # build the UI graph (so select) in train mode
     uigraph_test: bool = False  # ... and in eval mode (ShowUI: off, so every block is its own component)
 
+    @property
+    def is_internvl(self):  # InternVL2 / InternVL3, MP-GUI included
+        return self.arch in ("internvl", "mpgui")
 
-def _need(d, key, where):
-    if key not in d:
-        raise KeyError(f"{where}: config.json has no '{key}'")
-    return d[key]
-
-
-def config_from_hf(d, where="config.json", generation_config=None):
-    """Reads an official Qwen2-VL / Qwen2.5-VL config.json (dict). Vision keys absent from the file take the
-    reference class defaults, as the official Qwen2-VL-2B config stores only a few of them."""
-    archs = d.get("architectures") or [""]
-    if archs[0] in ("InternVLChatModel", "MPGUI"):
-        cfg = internvl_config(d, where, generation_config)
-        cfg.arch = "mpgui" if archs[0] == "MPGUI" else "internvl"
-        return cfg
-    arch = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}.get(
-        archs[0], d.get("model_type"))
-    if arch not in ("qwen2_vl", "qwen2_5_vl"):
-        raise ValueError(f"{where}: unsupported architecture {archs[0]!r} / model_type {d.get('model_type')!r}")
-    t = {**d, **d.get("text_config", {})}  # 5.x nests the decoder under text_config; 4.x keeps it flat
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    hidden, heads = _need(t, "hidden_size", where), _need(t, "num_attention_heads", where)
-    v = d.get("vision_config", {})
-    if arch == "qwen2_vl":
-        vit_hidden, vit_out = v.get("embed_dim", 1280), v.get("hidden_size", 1536)
-        vit_inter, act = vit_hidden * v.get("mlp_ratio", 4), v.get("hidden_act", "quick_gelu")
-    else:
-        vit_hidden, vit_out = v.get("hidden_size", 1280), v.get("out_hidden_size", hidden)
-        vit_inter, act = v.get("intermediate_size", 3420), v.get("hidden_act", "silu")
-    eos = (generation_config or {}).get("eos_token_id", t.get("eos_token_id"))
-    ties = [c["tie_word_embeddings"] for c in (d, d.get("text_config", {})) if "tie_word_embeddings" in c]
-    tie = any(ties) if ties else True  # either level asks for it, as transformers reads it; old configs omit it
-    return ModelConfig(
-        arch=arch, vocab_size=_need(t, "vocab_size", where), hidden_size=hidden,
-        intermediate_size=_need(t, "intermediate_size", where), num_layers=_need(t, "num_hidden_layers", where),
-        num_heads=heads, num_kv_heads=t.get("num_key_value_heads", heads), head_dim=t.get("head_dim") or hidden // heads,
-        rms_norm_eps=t.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
-        mrope_section=list(_need(rope, "mrope_section", where + " rope_scaling")), tie_word_embeddings=bool(tie),
-        image_token_id=_need(t, "image_token_id", where), vision_start_token_id=_need(t, "vision_start_token_id", where),
-        eos_token_ids=eos if isinstance(eos, list) else [eos], pad_token_id=t.get("pad_token_id") or 0,
-        vit_hidden=vit_hidden, vit_out=vit_out, vit_depth=v.get("depth", 32), vit_heads=v.get("num_heads", 16),
-        vit_intermediate=vit_inter, vit_act=act, vit_patch=v.get("patch_size", v.get("spatial_patch_size", 14)),
-        vit_temporal_patch=v.get("temporal_patch_size", 2), vit_merge=v.get("spatial_merge_size", 2),
-        vit_window=v.get("window_size", 112) if arch == "qwen2_5_vl" else 0,
-        vit_fullatt_blocks=list(v.get("fullatt_block_indexes", [7, 15, 23, 31])) if arch == "qwen2_5_vl" else [])
-
-
-def internvl_config(d, where, generation_config=None):
-    """An official InternVLChatModel config.json: vision_config (InternViT) + llm_config (InternLM2 or Qwen2). The
-    special-token ids are not in it: they come from the tokenizer files (see `special_token_id`)."""
-    v, l = _need(d, "vision_config", where), _need(d, "llm_config", where)
-    llm = (l.get("architectures") or [""])[0]
-    if llm not in ("InternLM2ForCausalLM", "Qwen2ForCausalLM"):
-        raise ValueError(f"{where}: unsupported llm_config.architectures {llm!r}")
-    if v.get("qk_normalization") or v.get("norm_type", "layer_norm") != "layer_norm":
-        raise ValueError(f"{where}: InternViT-6B (rms_norm / qk_normalization) is not supported")
-    rope = l.get("rope_scaling") or {}
-    kind = rope.get("type") or rope.get("rope_type")
-    if kind not in (None, "default", "dynamic"):
-        raise ValueError(f"{where}: unsupported rope_scaling {rope}")
-    hidden, heads = _need(l, "hidden_size", where), _need(l, "num_attention_heads", where)
-    image, patch, ratio = d.get("force_image_size") or v["image_size"], v["patch_size"], d.get("downsample_ratio", 0.5)
-    eos = (generation_config or {}).get("eos_token_id", l.get("eos_token_id"))
-    return ModelConfig(
-        arch="internvl", llm_arch="internlm2" if llm == "InternLM2ForCausalLM" else "qwen2",
-        vocab_size=_need(l, "vocab_size", where), hidden_size=hidden, intermediate_size=_need(l, "intermediate_size",
-                                                                                            where),
-        num_layers=_need(l, "num_hidden_layers", where), num_heads=heads,
-        num_kv_heads=l.get("num_key_value_heads", heads), head_dim=l.get("head_dim") or hidden // heads,
-        rms_norm_eps=l.get("rms_norm_eps", 1e-6), rope_theta=l.get("rope_theta", 10000.0), mrope_section=[],
-        tie_word_embeddings=False,  # the official code forces an untied head for every size; never tie by default
-        image_token_id=None, vision_start_token_id=None, eos_token_ids=eos if isinstance(eos, list) else [eos],
-        pad_token_id=l.get("pad_token_id") or 0, attention_bias=l.get("bias", True) if llm != "Qwen2ForCausalLM"
-        else True, max_position_embeddings=l.get("max_position_embeddings", 32768),
-        # the official code runs Qwen2 under transformers 4.37.2, which ignores rope_scaling and always applies
-        # sliding_window (use_sliding_window notwithstanding); both matter only past 32k tokens on real checkpoints
-        rope_dynamic=float(rope.get("factor", 0.0)) if kind == "dynamic" and llm != "Qwen2ForCausalLM" else 0.0,
-        sliding_window=(l.get("sliding_window") or 0) if llm == "Qwen2ForCausalLM" else 0,
-        vit_hidden=v["hidden_size"], vit_out=hidden, vit_depth=v["num_hidden_layers"], vit_heads=v["num_attention_heads"],
-        vit_intermediate=v["intermediate_size"], vit_act=v.get("hidden_act", "gelu"), vit_patch=patch,
-        vit_image_size=image, vit_qkv_bias=v.get("qkv_bias", True), vit_norm_eps=v.get("layer_norm_eps", 1e-6),
-        vit_drop_path=v.get("drop_path_rate", 0.0), downsample_ratio=ratio, ps_version=d.get("ps_version", "v1"),
-        select_layer=d.get("select_layer", -1), num_image_token=int((image // patch) ** 2 * ratio ** 2),
-        template=d.get("template", ""))
-
-
-def special_token_id(folder, token):
-    """The id of an added token from the folder's tokenizer files (tokenizer.json, tokenizer_config.json or
-    added_tokens.json), or None. Read here so model.py needs no tokenizer library."""
-    def load(name):
-        path = os.path.join(folder, name)
-        return json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
-    for t in load("tokenizer.json").get("added_tokens", []):
-        if t["content"] == token:
-            return t["id"]
-    for i, t in load("tokenizer_config.json").get("added_tokens_decoder", {}).items():
-        if t["content"] == token:
-            return int(i)
-    return load("added_tokens.json").get(token)
+    @property
+    def is_mpgui(self):
+        return self.arch == "mpgui"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,41 +132,6 @@ def doc_block_mask(doc):
     return create_block_mask(lambda b, h, q, k: (doc[b, q] == doc[b, k]) & (q >= k), B, None, T, T, doc.device)
 
 
-def chunked_ce(h, weight, labels, chunk=1024):
-    """Sum of cross-entropy(h @ weight.T, labels) over the rows with labels != -100, never holding more than `chunk`
-    rows of fp32 logits: the gradients are computed chunk by chunk in forward (fused linear + CE, as Liger's)."""
-    keep = labels != -100
-    return _ChunkedCE.apply(h[keep], weight, labels[keep], chunk)
-
-
-class _ChunkedCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, y, chunk):
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        gh = torch.empty_like(h) if h.requires_grad else None
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
-        for i in range(0, len(h), chunk):
-            x, t = h[i:i + chunk], y[i:i + chunk]
-            z = (x @ w.T).float()  # logits in the matmul's dtype, then fp32, as head(h).float()
-            loss += F.cross_entropy(z, t, reduction="sum")
-            g = torch.softmax(z, -1)  # d loss / d z = softmax - onehot
-            g[torch.arange(len(t), device=t.device), t] -= 1
-            g = g.to(x.dtype)
-            if gh is not None:
-                gh[i:i + chunk] = g @ w.to(x.dtype)
-            if gw is not None:
-                gw += (g.T @ x).float()
-        ctx.save_for_backward(gh, gw)
-        ctx.w_dtype = w.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, go):
-        gh, gw = ctx.saved_tensors
-        return (gh * go.to(gh.dtype) if gh is not None else None,
-                (gw * go).to(ctx.w_dtype) if gw is not None else None, None, None)
-
-
 def segment_layout(seqlens, device):
     """Packs variable-length segments (images, windows) of a flat sequence into a padded batch, so one fused
     attention call serves them all. Returns gather index (n, L), validity (n, L) and a key mask or None."""
@@ -291,7 +164,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):  # normalise in fp32, multiply the weight in the input dtype (as the reference does)
+    def forward(self, x):  # normalise in fp32, multiply the weight in the input dtype (as Qwen2RMSNorm does)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -302,7 +175,7 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def inv_freq(dim, theta, device=None):  # always fp32: a bf16 inv_freq drifts the logits (internvl.md 6.4)
+def inv_freq(dim, theta, device=None):  # always fp32: a bf16 inv_freq drifts the logits away from the reference's
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
 
@@ -319,15 +192,34 @@ class Block(nn.Module):
 
 ACT = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu, "silu": F.silu}
 
+
+class VisionMlp(nn.Module):
+    """fc1 -> activation -> fc2: Qwen2-VL's ViT MLP (quick_gelu) and InternViT's (exact GELU) alike."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.vit_hidden_size, cfg.vit_intermediate_size)
+        self.fc2 = nn.Linear(cfg.vit_intermediate_size, cfg.vit_hidden_size)
+        self.act = ACT[cfg.vit_act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Qwen2-VL / Qwen2.5-VL vision tower
+# Qwen2-VL / Qwen2.5-VL vision tower, as transformers writes them:
+#   models/qwen2_vl/modeling_qwen2_vl.py: Qwen2VisionTransformerPretrainedModel
+#   models/qwen2_5_vl/modeling_qwen2_5_vl.py: Qwen2_5_VisionTransformerPretrainedModel (windows, gated MLP, RMSNorm)
+
+VIT_NORM_EPS = 1e-6  # both Qwen ViTs hard-code it (LayerNorm / Qwen2RMSNorm); config.json has no key for it
+VIT_ROPE_THETA = 10000.0  # VisionRotaryEmbedding's default theta, never set from config.json
 
 
 class PatchEmbed(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         p, tp = cfg.vit_patch, cfg.vit_temporal_patch
-        self.proj = nn.Conv3d(3, cfg.vit_hidden, kernel_size=(tp, p, p), stride=(tp, p, p), bias=False)
+        self.proj = nn.Conv3d(3, cfg.vit_hidden_size, kernel_size=(tp, p, p), stride=(tp, p, p), bias=False)
 
     def forward(self, x):  # (N, 3*T*14*14) -> (N, C); the stride-equals-kernel conv is one matmul per patch
         return F.linear(x.to(self.proj.weight.dtype), self.proj.weight.flatten(1))
@@ -336,50 +228,39 @@ class PatchEmbed(nn.Module):
 class VisionAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.num_heads = cfg.vit_heads
-        self.qkv = nn.Linear(cfg.vit_hidden, 3 * cfg.vit_hidden, bias=True)
-        self.proj = nn.Linear(cfg.vit_hidden, cfg.vit_hidden, bias=True)
+        self.num_heads = cfg.vit_num_heads
+        self.qkv = nn.Linear(cfg.vit_hidden_size, 3 * cfg.vit_hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.vit_hidden_size, cfg.vit_hidden_size, bias=True)
 
     def forward(self, x, cos, sin, layout):
         N, C = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # each (N, H, D)
-        cos, sin = cos[:, None], sin[:, None]  # rotation in fp32, as the reference does
+        cos, sin = cos[:, None], sin[:, None]  # rotation in fp32, as transformers' apply_rotary_pos_emb_vision
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
         return self.proj(segment_attention(q, k, v, layout).reshape(N, C))
 
 
-class VisionMlp(nn.Module):  # Qwen2-VL: fc1 -> quick_gelu -> fc2
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.vit_hidden, cfg.vit_intermediate)
-        self.fc2 = nn.Linear(cfg.vit_intermediate, cfg.vit_hidden)
-        self.act = ACT[cfg.vit_act]
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VisionGatedMlp(nn.Module):  # Qwen2.5-VL: SiLU-gated, with biases
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.vit_hidden, cfg.vit_intermediate)
-        self.up_proj = nn.Linear(cfg.vit_hidden, cfg.vit_intermediate)
-        self.down_proj = nn.Linear(cfg.vit_intermediate, cfg.vit_hidden)
+        self.gate_proj = nn.Linear(cfg.vit_hidden_size, cfg.vit_intermediate_size)
+        self.up_proj = nn.Linear(cfg.vit_hidden_size, cfg.vit_intermediate_size)
+        self.down_proj = nn.Linear(cfg.vit_intermediate_size, cfg.vit_hidden_size)
         self.act = ACT[cfg.vit_act]
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _vit_norm(cfg, dim):
-    return nn.LayerNorm(dim, eps=1e-6) if cfg.arch == "qwen2_vl" else RMSNorm(dim, 1e-6)
+def _vit_norm(cfg, dim):  # Qwen2-VL: LayerNorm; Qwen2.5-VL: RMSNorm
+    return nn.LayerNorm(dim, eps=VIT_NORM_EPS) if cfg.arch == "qwen2_vl" else RMSNorm(dim, VIT_NORM_EPS)
 
 
 class VisionBlock(Block):
     def __init__(self, cfg):
         super().__init__()
-        self.norm1, self.norm2 = _vit_norm(cfg, cfg.vit_hidden), _vit_norm(cfg, cfg.vit_hidden)
+        self.norm1, self.norm2 = _vit_norm(cfg, cfg.vit_hidden_size), _vit_norm(cfg, cfg.vit_hidden_size)
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMlp(cfg) if cfg.arch == "qwen2_vl" else VisionGatedMlp(cfg)
 
@@ -391,9 +272,9 @@ class VisionBlock(Block):
 class PatchMerger(nn.Module):  # 2x2 neighbouring patches (4 consecutive rows) -> one LLM token
     def __init__(self, cfg):
         super().__init__()
-        d = cfg.vit_hidden * cfg.vit_merge ** 2
-        self.ln_q = _vit_norm(cfg, cfg.vit_hidden)
-        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.vit_out))
+        d = cfg.vit_hidden_size * cfg.vit_merge ** 2
+        self.ln_q = _vit_norm(cfg, cfg.vit_hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.vit_out_hidden_size))
 
     def forward(self, x):
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
@@ -421,7 +302,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vit_num_layers))
         self.merger = PatchMerger(cfg)
 
     def rotary(self, grid_thw, device):
@@ -433,12 +314,13 @@ class VisionTransformer(nn.Module):
             hw = torch.stack([hh, ww], -1).view(h // m, m, w // m, m, 2).transpose(1, 2).reshape(-1, 2)
             pos.append(hw.repeat(t, 1))
         pos = torch.cat(pos).float()  # (N, 2)
-        f = inv_freq(self.cfg.vit_hidden // self.cfg.vit_heads // 2, 10000.0, device)
+        f = inv_freq(self.cfg.vit_hidden_size // self.cfg.vit_num_heads // 2, VIT_ROPE_THETA, device)
         ang = (pos[:, :, None] * f).flatten(1)  # (N, head_dim / 2)
         return torch.cat([ang, ang], -1)
 
     def forward(self, pixel_values, grid_thw):
-        """pixel_values (N, 1176) patch rows, grid_thw (n_images, 3) in patches -> (N / 4, vit_out) LLM tokens."""
+        """pixel_values (N, 1176) patch rows, grid_thw (n_images, 3) in patches -> (N / 4, vit_out_hidden_size):
+        the LLM tokens."""
         x = self.patch_embed(pixel_values)
         ang = self.rotary(grid_thw, x.device)
         frames = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()
@@ -460,13 +342,15 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# InternViT (InternVL2 / InternVL3 vision tower) + pixel shuffle + mlp1
+# InternViT (InternVL2 / InternVL3 vision tower) + pixel shuffle + mlp1, as OpenGVLab/InternVL writes them in
+# internvl_chat/internvl/model/internvl_chat/modeling_intern_vit.py (InternVisionModel) and
+# internvl_chat/internvl/model/internvl_chat/modeling_internvl_chat.py (InternVLChatModel: pixel_shuffle, mlp1)
 
 
 class InternVisionEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        C, self.side = cfg.vit_hidden, cfg.vit_image_size // cfg.vit_patch
+        C, self.side = cfg.vit_hidden_size, cfg.vit_image_size // cfg.vit_patch
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, C))
         self.patch_embedding = nn.Conv2d(3, C, cfg.vit_patch, cfg.vit_patch)
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.side ** 2, C))
@@ -479,7 +363,7 @@ class InternVisionEmbeddings(nn.Module):
         N, C, h, w = x.shape
         pos = self.position_embedding
         grid = pos[:, 1:]
-        if (h, w) != (self.side, self.side):  # other tile sizes: bicubic resize of the grid in fp32, as the reference
+        if (h, w) != (self.side, self.side):  # other tile sizes: bicubic resize of the grid in fp32 (_get_pos_embed)
             grid = grid.float().reshape(1, self.side, self.side, C).permute(0, 3, 1, 2)
             grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
             grid = grid.reshape(1, C, h * w).transpose(1, 2).to(pos.dtype)
@@ -490,9 +374,9 @@ class InternVisionEmbeddings(nn.Module):
 class InternAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.num_heads = cfg.vit_heads
-        self.qkv = nn.Linear(cfg.vit_hidden, 3 * cfg.vit_hidden, bias=cfg.vit_qkv_bias)
-        self.proj = nn.Linear(cfg.vit_hidden, cfg.vit_hidden)
+        self.num_heads = cfg.vit_num_heads
+        self.qkv = nn.Linear(cfg.vit_hidden_size, 3 * cfg.vit_hidden_size, bias=cfg.vit_qkv_bias)
+        self.proj = nn.Linear(cfg.vit_hidden_size, cfg.vit_hidden_size)
 
     def forward(self, x):
         B, N, C = x.shape
@@ -510,12 +394,13 @@ def drop_path(x, p, training):  # stochastic depth: drop a sample's residual bra
 class InternVisionEncoderLayer(Block):
     def __init__(self, cfg, drop):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.vit_hidden, eps=cfg.vit_norm_eps)
-        self.norm2 = nn.LayerNorm(cfg.vit_hidden, eps=cfg.vit_norm_eps)
+        self.norm1 = nn.LayerNorm(cfg.vit_hidden_size, eps=cfg.vit_norm_eps)
+        self.norm2 = nn.LayerNorm(cfg.vit_hidden_size, eps=cfg.vit_norm_eps)
         self.attn = InternAttention(cfg)
         self.mlp = VisionMlp(cfg)  # fc1 -> exact GELU -> fc2
-        self.ls1, self.ls2 = nn.Parameter(torch.ones(cfg.vit_hidden)), nn.Parameter(torch.ones(cfg.vit_hidden))
-        self.drop = drop
+        self.ls1 = nn.Parameter(torch.ones(cfg.vit_hidden_size))
+        self.ls2 = nn.Parameter(torch.ones(cfg.vit_hidden_size))
+        self.drop = drop  # stochastic-depth rate of this layer (InternVisionModel.set_drop_path)
 
     def block(self, x):
         x = x + drop_path(self.attn(self.norm1(x)) * self.ls1, self.drop, self.training)
@@ -525,9 +410,7 @@ class InternVisionEncoderLayer(Block):
 class InternVisionEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        n = cfg.vit_depth  # per-layer rates rise linearly from 0 (plain floats: the model may be built on meta)
-        rates = [cfg.vit_drop_path * i / max(n - 1, 1) for i in range(n)]
-        self.layers = nn.ModuleList(InternVisionEncoderLayer(cfg, r) for r in rates)
+        self.layers = nn.ModuleList(InternVisionEncoderLayer(cfg, 0.0) for _ in range(cfg.vit_num_layers))
 
 
 class InternVisionModel(nn.Module):
@@ -536,7 +419,15 @@ class InternVisionModel(nn.Module):
         self.embeddings = InternVisionEmbeddings(cfg)
         self.encoder = InternVisionEncoder(cfg)
         sel = cfg.select_layer  # hidden state index: 0 = embeddings, -1 = last layer; there is no final norm
-        self.n_run = sel if sel >= 0 else cfg.vit_depth + 1 + sel
+        self.n_run = sel if sel >= 0 else cfg.vit_num_layers + 1 + sel
+        self.set_drop_path(cfg.vit_drop_path)
+
+    def set_drop_path(self, rate):
+        """Stochastic depth rising linearly from 0 at the first layer to `rate` at the last, as the official
+        encoder's drop_path_rate schedule (plain floats: the model may be built on meta)."""
+        n = len(self.encoder.layers)
+        for i, layer in enumerate(self.encoder.layers):
+            layer.drop = rate * i / max(n - 1, 1)
 
     def forward(self, pixel_values):
         x = self.embeddings(pixel_values)
@@ -555,7 +446,8 @@ def pixel_shuffle(x, version="v2"):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# decoders: Qwen2 (Qwen2-VL, Qwen2.5-VL, InternVL3) and InternLM2 (InternVL2)
+# decoders: Qwen2 (Qwen2-VL, Qwen2.5-VL, InternVL3), as transformers models/qwen2/modeling_qwen2.py writes it, and
+# InternLM2 (InternVL2), as OpenGVLab/InternVL internvl_chat/internvl/model/internlm2/modeling_internlm2.py does
 
 
 class KVCache:
@@ -574,7 +466,7 @@ class KVCache:
         return self.k[i][:, :, :end], self.v[i][:, :, :end]
 
 
-def attend(q, k, v, cos, sin, mask, causal, cache, layer):
+def rotary_attention(q, k, v, cos, sin, mask, causal, cache, layer):
     """Rotate q (B, H, T, D) and k (B, Hkv, T, D), extend the cache, attend; returns (B, T, H * D)."""
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     if cache is not None:
@@ -597,7 +489,7 @@ class Qwen2Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
-        return self.o_proj(attend(q, k, v, *rest))
+        return self.o_proj(rotary_attention(q, k, v, *rest))
 
 
 class Qwen2MLP(nn.Module):
@@ -624,98 +516,39 @@ class Qwen2DecoderLayer(Block):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def parse_skip_layers(spec, num_layers):
-    """ShowUI's `lm_skip_layer` "[start,end,0|1],..." -> one 0/1 flag per layer: 1-indexed inclusive ranges, later
-    ones override, ends past the last layer clipped ("[1,28,1]" = every layer, "[1,28,0]" = none)."""
-    item = r"\[\s*(\d+)\s*,\s*(\d+)\s*,\s*([01])\s*\]"
-    ok = isinstance(spec, str) and re.fullmatch(rf"\s*{item}(\s*,\s*{item})*\s*", spec)
-    ranges = [tuple(map(int, r)) for r in re.findall(item, spec)] if ok else []
-    if not ok or any(not 1 <= a <= b for a, b, _ in ranges):
-        raise ValueError(f"lm_skip_layer {spec!r}: expected '[start,end,0|1],...' with 1 <= start <= end")
-    on = [0] * num_layers
-    for a, b, v in ranges:
-        on[a - 1:b] = [v] * len(on[a - 1:b])
-    return on
+class Decoder(nn.Module):
+    """The layer loop both decoders share. A subclass builds, under its official names, the token embedding
+    (exposed as `embedding`), `layers` and the final `norm`."""
+
+    @property
+    def embedding(self):
+        raise NotImplementedError
+
+    def forward(self, x, cos, sin, mask, causal, cache=None, keep=None):
+        """x (B, T, C) -> normed hidden states (B, T, C). keep: None, or per layer None (all tokens) or a (B, T)
+        bool mask: that layer runs on the kept tokens only (original positions), the others pass through it
+        unchanged (ShowUI's UI-guided selection, token_select.py; no cache)."""
+        for i, layer in enumerate(self.layers):
+            if keep is None or keep[i] is None:
+                x = layer(x, cos, sin, mask, causal, cache, i)
+                continue
+            idx, valid, sub_mask, sub_causal = keep_layout(keep[i], mask, causal)  # idx, valid (B, L)
+            rows = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)  # (B, L)
+            # RoPE of the kept tokens: cos / sin (B or 1, 1, T, D) -> (B, 1, L, D)
+            cs, sn = (r[:, 0].expand(len(x), -1, -1)[rows, idx][:, None] for r in (cos, sin))
+            out = layer(x[rows, idx], cs, sn, sub_mask, sub_causal, None, i)  # (B, L, C)
+            x = x.index_put((rows[valid], idx[valid]), out[valid])
+        return self.norm(x)
 
 
-def ui_graph(pixel_values, image_grid_thw, merge, threshold):
-    """ShowUI's UI connected graph. A node is a merged block (one image token: merge^2 consecutive rows of normalised
-    values, both temporal copies); it joins its right / bottom neighbour if their L2 distance is < threshold.
-    Returns each image token's component id, numbered by first appearance in raster order, image after image."""
-    out, row = [], 0
-    for t, h, w in image_grid_thw.tolist():
-        v = pixel_values[row:row + t * h * w].float().view(t, h // merge, w // merge, -1)  # (t, bh, bw, values)
-        row += t * h * w
-        node = torch.arange(v.shape[:3].numel()).view(v.shape[:3])
-        parent = list(range(node.numel()))
-
-        def find(a):  # union-find; a root is its component's first node in raster order
-            while parent[a] != a:
-                parent[a] = a = parent[parent[a]]
-            return a
-        for d, step in ((2, 1), (1, w // merge)):  # right, bottom neighbours
-            near = (torch.linalg.vector_norm(v.diff(dim=d), dim=-1) < threshold).cpu()
-            for a in node.narrow(d, 0, node.shape[d] - 1)[near].tolist():
-                a, b = find(a), find(a + step)
-                parent[max(a, b)] = min(a, b)
-        roots = torch.tensor([find(a) for a in range(len(parent))])
-        out.append(torch.unique(roots, return_inverse=True)[1] + (out[-1].max() + 1 if out else 0))
-    return torch.cat(out).to(pixel_values.device)
-
-
-def select_mask(assign, ratio, rand=False, generator=None):
-    """ShowUI's get_select_mask. assign (T,): -1 for text, else a UI-component id. Keeps the text and, of each
-    component of n tokens, max(1, n - round(n * ratio)) (round half to even, as Python): evenly spaced
-    (float32 linspace(0, n - 1) truncated, as upstream) or, with rand, a random subset. Returns (T,) bool."""
-    keep = assign < 0
-    pos = (~keep).nonzero().flatten()
-    if rand:  # a random order inside each component: its first k tokens are a uniform random subset
-        pos = pos[torch.randperm(len(pos), generator=generator).to(pos.device)]
-    pos = pos[torch.sort(assign[pos], stable=True).indices]  # grouped by component
-    n = torch.unique_consecutive(assign[pos], return_counts=True)[1]
-    k = (n - torch.round(n.double() * ratio).long()).clamp(min=1)
-    rank = torch.arange(len(pos), device=pos.device) - torch.repeat_interleave(n.cumsum(0) - n, n)
-    hit = rank < k.repeat_interleave(n)
-    if not rand:
-        size = n.repeat_interleave(n)
-        for m, km in set(zip(n.tolist(), k.tolist())):
-            hit[size == m] = torch.isin(rank[size == m], torch.linspace(0, m - 1, km).long().to(pos.device))
-    return keep.index_fill(0, pos[hit], True)
-
-
-def keep_layout(keep, mask, causal):
-    """Each sample's kept positions (keep (B, T) bool) packed left into (B, L): index, validity, and the attention
-    mask over kept queries and keys (original order, so still causal); a padded slot sees only itself."""
-    n = keep.sum(1)
-    idx = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :int(n.max())]  # kept first, in order
-    valid = torch.arange(idx.shape[1], device=keep.device) < n[:, None]
-    if mask is None and causal and bool(valid.all()):
-        return idx, valid, None, True
-    (B, T), L = keep.shape, idx.shape[1]  # no cache here, so mask None means plain causal
-    full = (mask[:, 0] if mask is not None else torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()[None])
-    sub = full.expand(B, T, T)[torch.arange(B, device=keep.device)[:, None, None], idx[:, :, None], idx[:, None, :]]
-    return idx, valid, ((sub & valid[:, None]) | torch.eye(L, dtype=torch.bool, device=keep.device))[:, None], False
-
-
-class Qwen2Model(nn.Module):
+class Qwen2Model(Decoder):
     def __init__(self, cfg):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, causal, cache=None, keep=None):
-        """keep: None, or per layer None (all tokens) or a (B, T) bool mask: that layer runs on the kept tokens only
-        (original positions), the others pass through it unchanged (ShowUI's UI-guided selection; no cache)."""
-        for i, layer in enumerate(self.layers):
-            if keep is None or keep[i] is None:
-                x = layer(x, cos, sin, mask, causal, cache, i)
-                continue
-            idx, valid, m, c = keep_layout(keep[i], mask, causal)
-            b = torch.arange(len(x), device=x.device)[:, None].expand_as(idx)
-            cs, sn = (r[:, 0].expand(len(x), -1, -1)[b, idx][:, None] for r in (cos, sin))
-            x = x.index_put((b[valid], idx[valid]), layer(x[b, idx], cs, sn, m, c, None, i)[valid])
-        return self.norm(x)
+    embedding = property(lambda self: self.embed_tokens)
 
 
 class InternLM2Attention(nn.Module):
@@ -731,7 +564,7 @@ class InternLM2Attention(nn.Module):
         qkv = self.wqkv(x).view(B, T, self.hkv, g + 2, self.d)  # rows blocked per kv group: [q_0 .. q_g-1, k, v]
         q = qkv[..., :g, :].reshape(B, T, self.h, self.d).transpose(1, 2)  # query head kv * g + j reads kv head kv
         k, v = qkv[..., g, :].transpose(1, 2), qkv[..., g + 1, :].transpose(1, 2)
-        return self.wo(attend(q, k, v, *rest))
+        return self.wo(rotary_attention(q, k, v, *rest))
 
 
 class InternLM2MLP(nn.Module):
@@ -758,12 +591,14 @@ class InternLM2DecoderLayer(Block):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class InternLM2Model(Qwen2Model):  # same loop; its own names
+class InternLM2Model(Decoder):
     def __init__(self, cfg):
-        nn.Module.__init__(self)
+        super().__init__()
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(InternLM2DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    embedding = property(lambda self: self.tok_embeddings)
 
 
 def decoder_mask(key_valid, T, S, window=0, device=None, doc=None):
@@ -789,9 +624,9 @@ def decoder_mask(key_valid, T, S, window=0, device=None, doc=None):
 
 def rope(position_ids, cfg, dtype, seq_len):
     """cos, sin (B, 1, T, head_dim). Position ids (B, T) give 1-D RoPE; (3, B, T) give M-RoPE, whose frequency
-    slots [0, s0) follow t, [s0, s0+s1) h and the rest w. Angles in fp32, cast to the activation dtype as the
-    reference does. Dynamic NTK (InternLM2) raises the base once the sequence (`seq_len` keys, padding included)
-    outgrows max_position_embeddings; below that it is plain RoPE."""
+    slots [0, s0) follow t, [s0, s0+s1) h and the rest w. Angles in fp32, cast to the activation dtype as
+    transformers' rotary embeddings do. Dynamic NTK (InternLM2) raises the base once the sequence (`seq_len` keys,
+    padding included) outgrows max_position_embeddings; below that it is plain RoPE."""
     theta, D = cfg.rope_theta, cfg.head_dim
     if cfg.rope_dynamic and seq_len > cfg.max_position_embeddings:
         f = cfg.rope_dynamic
@@ -806,20 +641,104 @@ def rope(position_ids, cfg, dtype, seq_len):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# head and loss
+
+
+def chunked_ce(h, weight, labels, chunk=1024):
+    """Sum of cross-entropy(h @ weight.T, labels) over the rows with labels != -100, never holding more than `chunk`
+    rows of fp32 logits (1024 rows x a 152k vocabulary = 0.6 GB): the gradients are computed chunk by chunk in
+    forward (fused linear + CE, as Liger-Kernel's FusedLinearCrossEntropy)."""
+    keep = labels != -100
+    return _ChunkedCE.apply(h[keep], weight, labels[keep], chunk)
+
+
+class _ChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, y, chunk):
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if h.requires_grad else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
+        for i in range(0, len(h), chunk):
+            x, t = h[i:i + chunk], y[i:i + chunk]
+            z = (x @ w.T).float()  # logits in the matmul's dtype, then fp32, as head(h).float()
+            loss += F.cross_entropy(z, t, reduction="sum")
+            g = torch.softmax(z, -1)  # d loss / d z = softmax - onehot
+            g[torch.arange(len(t), device=t.device), t] -= 1
+            g = g.to(x.dtype)
+            if gh is not None:
+                gh[i:i + chunk] = g @ w.to(x.dtype)
+            if gw is not None:
+                gw += (g.T @ x).float()
+        ctx.save_for_backward(gh, gw)
+        ctx.w_dtype = w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        gh, gw = ctx.saved_tensors
+        return (gh * go.to(gh.dtype) if gh is not None else None,
+                (gw * go).to(ctx.w_dtype) if gw is not None else None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # the vision-language models: one walk for every family (splice image features, positions, decoder, head)
 
 
 class VLM(nn.Module):
-    """Shared forward and greedy generation. A family supplies `embed` (token embeddings with image features
-    spliced in), `positions` (prefill position ids + each sample's next position), `decoder` and `head`."""
+    """Shared forward, packing, splice and greedy generation. A family supplies what is declared below: `embed`,
+    `positions`, `token_keep` (optional), `decoder`, `head`, `vision` and `lora_scopes`."""
 
-    def tokens(self, input_ids):
-        return self.decoder.get_submodule("tok_embeddings" if self.cfg.llm_arch == "internlm2" else "embed_tokens")(
-            input_ids)
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.initialised = []  # load.load_model: parts not in the checkpoint, initialised (a run saves them)
+        self.folder = None  # load.load_model: the checkpoint folder it was loaded from
+        self.new_tensors = []  # train.build_model: tensor names the base lacks, saved with every checkpoint
+
+    def embed(self, input_ids, attention_mask=None, labels=None, **vision):
+        """Token embeddings (B, T, C) with the image features spliced over the image-context tokens."""
+        raise NotImplementedError
+
+    def positions(self, input_ids, attention_mask=None, **vision):
+        """Prefill position ids, (B, T) for 1-D RoPE or (3, B, T) for M-RoPE, and each sample's next position (B,)."""
+        raise NotImplementedError
+
+    def token_keep(self, input_ids, cache=None, **vision):
+        """Per decoder layer None (all tokens) or the (B, T) bool tokens it runs on; None: every layer, every token."""
+        return None
+
+    @property
+    def decoder(self):
+        """The Decoder: (B, T, C) embeddings -> (B, T, C) normed hidden states."""
+        raise NotImplementedError
+
+    @property
+    def head(self):
+        """The output nn.Linear: (B, T, C) -> (B, T, vocab) logits."""
+        raise NotImplementedError
+
+    @property
+    def vision(self):
+        """The vision tower, one FSDP unit: pixels -> per-patch (or per-tile) features."""
+        raise NotImplementedError
+
+    @property
+    def lora_scopes(self):
+        """LoRA's default places: {"llm" | "vit": (module-name prefix, name suffixes of the nn.Linear to wrap)}."""
+        raise NotImplementedError
+
+    def tie_weights(self):
+        """A tied head shares the embedding's Parameter (lost whenever either is reassigned)."""
+        if self.cfg.tie_word_embeddings:
+            self.head.weight = self.decoder.embedding.weight
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, doc=None, **vision):
+        """The walk every forward takes: embeddings (spliced) -> positions -> RoPE -> one attention mask -> decoder.
+        Returns the normed hidden states (B, T, C). The mask is one of three kinds: None (plain causal or one
+        decode token, the fused kernels' own paths), a boolean (B or 1, 1, T, S) tensor (padding, sliding window,
+        packed documents), or, for packed rows on CUDA, a FlexAttention BlockMask."""
         if cache is not None and cache.length:  # a decode step: a generated image token is an ordinary token
-            x = self.tokens(input_ids)
+            x = self.decoder.embedding(input_ids)
         else:
             x = self.embed(input_ids, attention_mask, labels, **vision)
         if position_ids is None:
@@ -829,7 +748,7 @@ class VLM(nn.Module):
         cos, sin = rope(position_ids, self.cfg, x.dtype, S)
         key_valid = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         mask, causal = decoder_mask(key_valid, T, S, self.cfg.sliding_window, x.device, doc)
-        keep = self.token_keep(input_ids, cache, **vision) if hasattr(self, "token_keep") else None  # Qwen2-VL
+        keep = self.token_keep(input_ids, cache, **vision)
         if doc is not None and keep is None and key_valid is None and not self.cfg.sliding_window:
             block = doc_block_mask(doc)  # CUDA: FlexAttention skips the blocks across documents
             mask = mask if block is None else block
@@ -850,17 +769,18 @@ class VLM(nn.Module):
     def pack(self, input_ids, attention_mask, labels, **vision):
         """A padded micro-batch as one packed row: forward's kwargs with each sample's own positions (as unpacked),
         document ids for the block-diagonal causal mask, and no label at a document's first token."""
-        if self.cfg.arch == "mpgui" and self.cfg.mpgui_mode == "fusion":
+        if self.cfg.is_mpgui and self.cfg.mpgui_mode == "fusion":
             raise ValueError("pack: MP-GUI's fusion gate reads the whole row's prompt; pack only its perceiver stages")
         pos, _ = self.positions(input_ids, attention_mask, **vision)
         valid = attention_mask.bool()
-        if bool((input_ids[~valid] == self.cfg.image_token_id).any()):  # train.qwen_batch's blank FSDP image
+        if bool((input_ids[~valid] == self.cfg.image_token_id).any()):  # train.py's blank FSDP image
             raise ValueError("pack: image tokens in padding (a text-only Qwen micro-batch under FSDP) cannot be packed")
-        n = valid.sum(1)
-        first = torch.arange(labels.shape[1], device=labels.device) == valid.int().argmax(1, keepdim=True)
+        n = valid.sum(1)  # (B,) real tokens per sample
+        first = torch.arange(labels.shape[1], device=labels.device) == valid.int().argmax(1, keepdim=True)  # (B, T)
+        doc = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)[None]  # (1, N): sample of each token
         return dict(input_ids=input_ids[valid][None], labels=labels.masked_fill(first, -100)[valid][None],
-                    position_ids=pos[..., valid][..., None, :],
-                    doc=torch.repeat_interleave(torch.arange(len(n), device=n.device), n)[None], **vision)
+                    position_ids=pos[..., valid][..., None, :],  # (1, N) or (3, 1, N)
+                    doc=doc, **vision)
 
     def splice(self, x, input_ids, feats, token=None):
         """Writes image features (n, C) over the image-context tokens of x (B, T, C), in order; counts must agree."""
@@ -877,14 +797,13 @@ class VLM(nn.Module):
         """Grows the embedding and the head to n rows for added tokens. New rows are the mean of the old ones: the
         official init of new output rows (new input rows never matter for MP-GUI's EXTRA token, whose positions
         are always overwritten)."""
-        emb = self.decoder.get_submodule("tok_embeddings" if self.cfg.llm_arch == "internlm2" else "embed_tokens")
+        emb = self.decoder.embedding
         for mod in {id(m): m for m in (emb, self.head)}.values():
             w = mod.weight
             mod.weight = nn.Parameter(torch.cat([w, w.mean(0, keepdim=True).expand(n - w.shape[0], -1)]),
                                       requires_grad=w.requires_grad)
         emb.num_embeddings = self.head.out_features = self.cfg.vocab_size = n
-        if self.cfg.tie_word_embeddings:
-            self.head.weight = emb.weight
+        self.tie_weights()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_ids=None, **vision):
@@ -913,11 +832,21 @@ class VLM(nn.Module):
         return torch.stack(out, 1)
 
 
+# LoRA's default targets: every nn.Linear of a block, by name suffix (what PEFT's target_modules match)
+QWEN2_TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj"]
+INTERNLM2_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+INTERNVIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+QWEN_VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
 class InternLM2ForCausalLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.model = InternLM2Model(cfg)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    head = property(lambda self: self.output)
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -926,25 +855,34 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    head = property(lambda self: self.lm_head)
 
+
+# OpenGVLab/InternVL internvl_chat/internvl/model/internvl_chat/modeling_internvl_chat.py: InternVLChatModel
 class InternVL(VLM):
     """InternVLChatModel: vision_model.*, mlp1.*, language_model.* (InternLM2 or Qwen2). Image features of all
     tiles, in order, replace the <IMG_CONTEXT> tokens; positions are 1-D over each sample's unpadded tokens."""
 
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.vision_model = InternVisionModel(cfg)
-        d = cfg.vit_hidden * int(1 / cfg.downsample_ratio) ** 2
+        d = cfg.vit_hidden_size * int(1 / cfg.downsample_ratio) ** 2
+        # nn.LayerNorm's default eps (1e-5), as the official mlp1 leaves it
         self.mlp1 = nn.Sequential(nn.LayerNorm(d, eps=1e-5), nn.Linear(d, cfg.hidden_size), nn.GELU(),
                                   nn.Linear(cfg.hidden_size, cfg.hidden_size))
         self.language_model = (InternLM2ForCausalLM if cfg.llm_arch == "internlm2" else Qwen2ForCausalLM)(cfg)
 
     decoder = property(lambda self: self.language_model.model)
-    head = property(lambda self: getattr(self.language_model, "output", None) or self.language_model.lm_head)
+    head = property(lambda self: self.language_model.head)
+    vision = property(lambda self: self.vision_model)
+
+    @property
+    def lora_scopes(self):
+        llm = INTERNLM2_TARGETS if self.cfg.llm_arch == "internlm2" else QWEN2_TARGETS
+        return {"llm": ("language_model.", llm), "vit": ("vision_model.", INTERNVIT_TARGETS)}
 
     def visual_clues(self, pixel_values):
-        """Pixel-shuffled ViT features before mlp1, (tiles, num_image_token, 4 * vit_hidden)."""
+        """Pixel-shuffled ViT features before mlp1, (tiles, num_image_token, 4 * vit_hidden_size)."""
         x = self.vision_model(pixel_values)[:, 1:]  # drop CLS
         n, hw, C = x.shape
         side = self.vision_model.embeddings.grid(pixel_values)
@@ -958,7 +896,7 @@ class InternVL(VLM):
             raise ValueError("image_token_id (<IMG_CONTEXT>) is unknown: no tokenizer files in the checkpoint folder; "
                              "pass image_token_id to load_model")
         feats = None if pixel_values is None else self.image_features(pixel_values).flatten(0, 1)
-        return self.splice(self.tokens(input_ids), input_ids, feats)
+        return self.splice(self.decoder.embedding(input_ids), input_ids, feats)
 
     def positions(self, input_ids, attention_mask=None, **vision):
         if attention_mask is None:
@@ -968,6 +906,7 @@ class InternVL(VLM):
         return pos, pos.amax(-1) + 1
 
 
+# BigTaige/MP-GUI: its InternVL chat model with the perceivers and the fusion gate (perceivers.py)
 class MPGUI(InternVL):
     """MP-GUI: InternVL + textual / graphical / spatial perceivers + fusion gate. Each image is <img>,
     <IMG_CONTEXT> x (n * tiles), <EXTRA_IMG_CONTEXT> x (n * tiles), </img>: the context tokens take the mlp1
@@ -978,7 +917,7 @@ class MPGUI(InternVL):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        d_in = 4 * cfg.vit_hidden
+        d_in = 4 * cfg.vit_hidden_size  # the pixel-shuffled ViT features, before mlp1
         self.textual_perceiver = perceiver(d_in, cfg.hidden_size)
         self.graphical_perceiver = perceiver(d_in, cfg.hidden_size)
         self.spatial_perceiver = perceiver(d_in, cfg.hidden_size)
@@ -1009,17 +948,18 @@ class MPGUI(InternVL):
 
     def embed(self, input_ids, attention_mask=None, labels=None, pixel_values=None):
         if pixel_values is None:
-            return self.splice(self.splice(self.tokens(input_ids), input_ids, None), input_ids, None,
-                               self.cfg.extra_token_id)
+            x = self.splice(self.decoder.embedding(input_ids), input_ids, None)
+            return self.splice(x, input_ids, None, self.cfg.extra_token_id)
         ctx = (input_ids == self.cfg.image_token_id).sum(1)
         ext = (input_ids == self.cfg.extra_token_id).sum(1)  # per sample: whole tiles, one EXTRA per context token
-        if bool((ctx % self.cfg.num_image_token).any()) or not torch.equal(ctx, ext) or \
-                int(ctx.sum()) != len(pixel_values) * self.cfg.num_image_token:
+        whole_tiles = not bool((ctx % self.cfg.num_image_token).any())
+        all_tiles = int(ctx.sum()) == len(pixel_values) * self.cfg.num_image_token
+        if not (whole_tiles and all_tiles and torch.equal(ctx, ext)):
             raise ValueError(f"per sample {ctx.tolist()} context and {ext.tolist()} EXTRA tokens do not make whole "
                              f"tiles of {self.cfg.num_image_token} for the {len(pixel_values)} tiles given")
-        clues = self.visual_clues(pixel_values)  # (T, n, 4 * vit_hidden), T tiles of the whole batch
+        clues = self.visual_clues(pixel_values)  # (T, n, 4 * vit_hidden_size), T tiles of the whole batch
         vit = self.mlp1(clues)  # (T, n, C)
-        x = self.splice(self.tokens(input_ids), input_ids, vit.flatten(0, 1))
+        x = self.splice(self.decoder.embedding(input_ids), input_ids, vit.flatten(0, 1))
         mode = self.cfg.mpgui_mode
         if mode != "fusion":
             extra = getattr(self, f"{mode}_perceiver")(clues)
@@ -1032,22 +972,24 @@ class MPGUI(InternVL):
         return self.splice(x, input_ids, extra.flatten(0, 1), self.cfg.extra_token_id)
 
 
+# transformers models/qwen2_vl/modeling_qwen2_vl.py: Qwen2VLForConditionalGeneration (get_rope_index);
+# models/qwen2_5_vl/modeling_qwen2_5_vl.py: Qwen2_5_VLForConditionalGeneration
 class Qwen2VL(VLM):
     """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration: visual.*, model.*, lm_head. Image
     features replace the <|image_pad|> tokens; positions are M-RoPE (t, h, w)."""
 
     def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.visual = VisionTransformer(cfg)
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         parse_skip_layers(cfg.lm_skip_layer, cfg.num_layers)  # a bad lm_skip_layer fails here, not mid-run
 
     decoder = property(lambda self: self.model)
     head = property(lambda self: self.lm_head)
+    vision = property(lambda self: self.visual)
+    lora_scopes = property(lambda self: {"llm": ("model.", QWEN2_TARGETS), "vit": ("visual.", QWEN_VIT_TARGETS)})
 
     def image_features(self, pixel_values, image_grid_thw):
         return self.visual(pixel_values, image_grid_thw)  # (n_image_tokens, hidden)
@@ -1070,7 +1012,7 @@ class Qwen2VL(VLM):
 
     def embed(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None):
         feats = None if pixel_values is None else self.image_features(pixel_values, image_grid_thw)
-        return self.splice(self.model.embed_tokens(input_ids), input_ids, feats)
+        return self.splice(self.decoder.embedding(input_ids), input_ids, feats)
 
     def positions(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
         return self.rope_index(input_ids, image_grid_thw, attention_mask)
@@ -1111,116 +1053,3 @@ class Qwen2VL(VLM):
             pos[:, b, keep] = out
             nxt[b] = out.max() + 1 if n else 0
         return pos.to(input_ids.device), nxt.to(input_ids.device)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# loading: official folders (sharded or not), both key layouts, every key checked
-
-
-def resolve(path):
-    """A local folder, or a hub id fetched (config, weights, tokenizer files) through huggingface_hub."""
-    if os.path.isdir(path):
-        return path
-    if path.startswith(("/", ".", "~")) or path.count("/") != 1:  # a path, not an owner/name hub id
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
-
-
-def safetensors_files(folder):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return sorted({os.path.join(folder, v) for v in json.load(f)["weight_map"].values()})
-    single = os.path.join(folder, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
-    return [single]
-
-
-def qwen_key(k):  # newer transformers nest the modules: model.visual.* / model.language_model.* / lm_head
-    if k.startswith("model.visual."):
-        return k[len("model."):]
-    if k.startswith("model.language_model."):
-        return "model." + k[len("model.language_model."):]
-    return k
-
-
-def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu", optional=()):
-    """Fills every parameter of `model` from the folder's safetensors. Missing, unexpected or mis-shaped keys stop
-    the load with their names. A tied head takes the embedding; a stored head that differs from it is an error.
-    Submodules named in `optional` may be absent as a whole: they are allocated (for the caller to initialise)
-    and their names returned."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tied = getattr(model.cfg, "tie_word_embeddings", False)
-    head = "lm_head.weight"
-    seen, unexpected, wrong = set(), [], []
-    state = {}
-    for path in safetensors_files(folder):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = rename(key)
-                if name not in params:
-                    unexpected.append(key)
-                    continue
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(params[name].shape):
-                    wrong.append(f"{key}: file {tuple(t.shape)}, model {tuple(params[name].shape)}")
-                    continue
-                seen.add(name)
-                state[name] = t
-    expected = set(params) - ({head} if tied else set())
-    absent = [p for p in optional if not any(n.startswith(p + ".") for n in seen)]
-    expected -= {n for n in expected if any(n.startswith(p + ".") for p in absent)}
-    missing = sorted(expected - seen)
-    problems = []
-    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if keys:
-            problems.append(f"{what} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
-    if problems:
-        raise ValueError(f"{folder}: checkpoint does not match the model: " + "; ".join(problems))
-    if tied and head in state:
-        emb = [n for n in state if n.endswith("embed_tokens.weight")][0]
-        if not torch.equal(state.pop(head), state[emb]):
-            raise ValueError(f"{folder}: tie_word_embeddings is true but {head} differs from {emb}; a merged head "
-                             "would be silently replaced by the embedding. Set tie_word_embeddings false.")
-    for name, t in state.items():
-        p = params[name]
-        state[name] = t.to(device=device, dtype=dtype or t.dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    for name in absent:
-        model.get_submodule(name).to_empty(device=device).to(dtype or next(iter(state.values())).dtype)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight  # meta-built ties are lost by assign=True
-    return absent
-
-
-def load_model(path, dtype=None, device="cpu", special_ids=None, mpgui=False):
-    """Builds the model a checkpoint folder (or hub id) describes and loads its weights; dtype None keeps the
-    file's dtype. InternVL / MP-GUI read their special-token ids from the tokenizer files unless `special_ids`
-    ({"image_token_id": .., "extra_token_id": .., "im_start_token_id": ..}) gives them. mpgui=True builds MP-GUI
-    on an InternVL checkpoint: the perceivers and gate it lacks start from their first-stage init."""
-    folder = resolve(path)
-    with open(os.path.join(folder, "config.json")) as f:
-        d = json.load(f)
-    gen = os.path.join(folder, "generation_config.json")
-    gen = json.load(open(gen)) if os.path.exists(gen) else None
-    cfg = config_from_hf(d, os.path.join(folder, "config.json"), gen)
-    if cfg.arch in ("internvl", "mpgui"):  # special ids live in the tokenizer files, not in config.json
-        ids = dict(image_token_id="<IMG_CONTEXT>", extra_token_id="<EXTRA_IMG_CONTEXT>",
-                   im_start_token_id="<|im_start|>")
-        for field_, token in ids.items():
-            given = (special_ids or {}).get(field_)
-            setattr(cfg, field_, given if given is not None else special_token_id(folder, token))
-        end = special_token_id(folder, "<|im_end|>")
-        cfg.eos_token_ids = [end] if end is not None else cfg.eos_token_ids
-        cfg.arch = "mpgui" if mpgui else cfg.arch
-    with torch.device("meta"):
-        model = {"internvl": InternVL, "mpgui": MPGUI}.get(cfg.arch, Qwen2VL)(cfg)
-    new_parts = load_weights(model, folder, lambda k: k if cfg.arch in ("internvl", "mpgui") else qwen_key(k), dtype,
-                             device, optional=MPGUI.PARTS if cfg.arch == "mpgui" else ())
-    for name in new_parts:  # e.g. stage 1 starts MP-GUI from InternVL2-8B, which has none of its parts
-        model.init_part(name)
-    model.initialised = list(new_parts)  # not from the file: a run must save them with its trained weights
-    model.folder = folder
-    return model.eval()

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# BigTaige/MP-GUI: the textual / graphical / spatial perceivers of its InternVL chat model
 def perceiver(d_in, d_llm):
     """LayerNorm -> Linear(d_in, 2H) -> GELU -> Linear(2H, 2H) -> GELU -> Linear(2H, H): keys .0 .1 .3 .5."""
     return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, 2 * d_llm), nn.GELU(), nn.Linear(2 * d_llm, 2 * d_llm),
@@ -28,9 +29,10 @@ def init_perceiver(p):
             nn.init.zeros_(m.bias)
 
 
+# torch/nn/modules/activation.py: MultiheadAttention (parameters and math; attention through our fused function)
 class MultiheadAttention(nn.Module):
     """torch.nn.MultiheadAttention's parameters (packed in_proj_weight / in_proj_bias, out_proj) and math
-    (batch_first, no dropout), with the attention itself done by the caller's fused `attend(q, k, v, mask)`."""
+    (batch_first, no dropout), with the attention itself done by the caller's fused `attention_fn(q, k, v, mask)`."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -45,7 +47,7 @@ class MultiheadAttention(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, q, kv, attend, key_mask=None):
+    def forward(self, q, kv, attention_fn, key_mask=None):
         """q (N, Lq, C), kv (N, Lk, C); key_mask (N, Lk) True where a key may be attended. Returns (N, Lq, C)."""
         N, Lq, C = q.shape
         wq, wk, wv = self.in_proj_weight.chunk(3)
@@ -53,15 +55,16 @@ class MultiheadAttention(nn.Module):
         heads = lambda x: x.view(N, x.shape[1], self.num_heads, C // self.num_heads).transpose(1, 2)  # (N, H, L, D)
         q, k, v = heads(F.linear(q, wq, bq)), heads(F.linear(kv, wk, bk)), heads(F.linear(kv, wv, bv))
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        return self.out_proj(attend(q, k, v, mask).transpose(1, 2).reshape(N, Lq, C))
+        return self.out_proj(attention_fn(q, k, v, mask).transpose(1, 2).reshape(N, Lq, C))
 
 
+# BigTaige/MP-GUI: the fusion gate of its InternVL chat model (align_layer, multi_perceiver_att)
 class FusionGate(nn.Module):
     """Two cross-attentions, no residual, norm or gate nonlinearity (as released). align_layer: a tile's mlp1
     tokens query its sample's prompt embeddings; multi_perceiver_att: the result queries the tile's graphical,
     textual and spatial perceiver tokens (in that order)."""
 
-    def __init__(self, dim, num_heads=4):
+    def __init__(self, dim, num_heads=4):  # 4 heads: the official FusionGate's, for every model size
         super().__init__()
         self.align_layer = MultiheadAttention(dim, num_heads)
         self.multi_perceiver_att = MultiheadAttention(dim, num_heads)
@@ -70,8 +73,8 @@ class FusionGate(nn.Module):
         self.align_layer.reset_parameters()
         self.multi_perceiver_att.reset_parameters()
 
-    def forward(self, vit_embeds, graphical, textual, spatial, query_signal, key_mask, attend):
+    def forward(self, vit_embeds, graphical, textual, spatial, query_signal, key_mask, attention_fn):
         """vit_embeds, perceiver outputs (T, n, C) per tile; query_signal (T, L, C) the tile's sample's token
         embeddings; key_mask (T, L) True for keys the gate may read. Returns (T, n, C) for the EXTRA tokens."""
-        query = self.align_layer(vit_embeds, query_signal, attend, key_mask)
-        return self.multi_perceiver_att(query, torch.cat([graphical, textual, spatial], dim=1), attend)
+        query = self.align_layer(vit_embeds, query_signal, attention_fn, key_mask)
+        return self.multi_perceiver_att(query, torch.cat([graphical, textual, spatial], dim=1), attention_fn)

@@ -29,8 +29,9 @@ from tqdm import tqdm
 from tokenizers import AddedToken
 
 import data
+import load
 import lora
-import model as M
+import model
 
 
 @dataclass
@@ -129,25 +130,25 @@ def load_config(path, overrides=()):
 
 
 def build_model(cfg, tok, device):
-    m = M.load_model(cfg.base, dtype=torch.float32, mpgui=cfg.mpgui)  # fp32 master weights
+    """The base with the run's switches, MP-GUI's EXTRA token and parts, LoRA, and the trainable set."""
+    extra = tok.token_to_id(data.EXTRA_CONTEXT)
+    if extra is None and cfg.mpgui:  # InternVL2-8B has every InternVL token but this one
+        tok.add_special_tokens([AddedToken(data.EXTRA_CONTEXT, special=True, normalized=False)])
+        extra = tok.token_to_id(data.EXTRA_CONTEXT)
+    switches = {k: getattr(cfg, k) for k in ("mpgui_mode", "gate_mask", "lm_skip_layer", "lm_skip_ratio",
+                                             "lm_skip_rand", "uigraph_threshold")}
+    m = load.load_model(cfg.base, dtype=torch.float32, mpgui=cfg.mpgui, extra_token_id=extra, **switches)  # fp32
     base_vocab = m.cfg.vocab_size
-    if m.cfg.arch == "mpgui":
-        extra = tok.token_to_id("<EXTRA_IMG_CONTEXT>")
-        if extra is None:  # InternVL2-8B has every InternVL token but this one
-            tok.add_special_tokens([AddedToken("<EXTRA_IMG_CONTEXT>", special=True, normalized=False)])
-            extra = tok.token_to_id("<EXTRA_IMG_CONTEXT>")
+    if m.cfg.is_mpgui:
         if extra >= m.cfg.vocab_size:
             m.resize_vocab(extra + 1)
-        m.cfg.extra_token_id, m.cfg.mpgui_mode, m.cfg.gate_mask = extra, cfg.mpgui_mode, cfg.gate_mask
         for name in cfg.init_parts:
             m.init_part(name)
-    for i, layer in enumerate(getattr(m, "vision_model", None) and m.vision_model.encoder.layers or []):
-        layer.drop = cfg.drop_path * i / max(len(m.vision_model.encoder.layers) - 1, 1)
+    if m.cfg.is_internvl:
+        m.vision_model.set_drop_path(cfg.drop_path)
     m.requires_grad_(False)
-    lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, cfg.lora_llm_r, cfg.lora_llm_alpha, cfg.lora_vit_r,
-                      cfg.lora_vit_alpha, cfg.lora_dropout, cfg.lora_targets)
-    for name in ("lm_skip_layer", "lm_skip_ratio", "lm_skip_rand", "uigraph_threshold"):  # ShowUI token selection
-        setattr(m.cfg, name, getattr(cfg, name))
+    lora.add_adapters(m, cfg.lora_llm_r, cfg.lora_llm_alpha, cfg.lora_vit_r, cfg.lora_vit_alpha, cfg.lora_dropout,
+                      cfg.lora_targets)
     for _, layer in lora.lora_layers(m):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
@@ -158,14 +159,14 @@ def build_model(cfg, tok, device):
     if m.cfg.vocab_size != base_vocab:
         m.new_tensors += [n for n, p in m.named_parameters() if p.shape[0] == m.cfg.vocab_size and p.dim() == 2]
     for mod in m.modules():
-        if isinstance(mod, M.Block):
+        if isinstance(mod, model.Block):
             mod.checkpointing = cfg.activation_checkpointing
     return m.to(device)
 
 
 def build_dataset(cfg, tok, mc):
     """The training set of cfg.data_format, for the model family of mc (the model config)."""
-    internvl = mc.arch in ("internvl", "mpgui")
+    internvl = mc.is_internvl
     if cfg.data_format not in ("internvl", "vlaser", "showui_grounding", "showui_navigation", "llamafactory"):
         raise ValueError(f"unknown data_format {cfg.data_format!r}")
     if internvl != (cfg.data_format in ("internvl", "vlaser")):
@@ -174,7 +175,7 @@ def build_dataset(cfg, tok, mc):
                          "llamafactory")
     if internvl:
         return data.InternVLDataset(cfg.meta, tok, mc.template, mc.num_image_token, mc.vit_image_size, cfg.max_tiles,
-                                    cfg.max_length, "<EXTRA_IMG_CONTEXT>" if mc.arch == "mpgui" else None,
+                                    cfg.max_length, data.EXTRA_CONTEXT if mc.is_mpgui else None,
                                     point_prefix=data.VLASER_POINT_PREFIX if cfg.data_format == "vlaser" else None)
     common = (tok, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
     if cfg.data_format == "showui_grounding":
@@ -208,7 +209,7 @@ def shard(m, cfg, device):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, reduce_dtype=torch.float32)
     for layer in m.decoder.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(m.vision_model if hasattr(m, "vision_model") else m.visual, mesh=mesh, mp_policy=mp)
+    fully_shard(m.vision, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)
     return m
 
@@ -333,8 +334,8 @@ def main(argv):
                          f"({cfg.micro_batch} x {world})")
     accum = cfg.global_batch // (cfg.micro_batch * world)
 
-    folder = M.resolve(cfg.base)
-    tok = data.load_tokenizer(folder)
+    folder = load.resolve(cfg.base)
+    tok = load.load_tokenizer(folder)
     m = build_model(cfg, tok, device)
     random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)  # dropout
     if rank == 0:  # the resolved config and the tokenizer as trained (with any added token) live in the run
@@ -343,7 +344,7 @@ def main(argv):
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         tok.save(os.path.join(cfg.out, "tokenizer.json"))
         print(json.dumps(dataclasses.asdict(cfg)))
-    internvl = m.cfg.arch in ("internvl", "mpgui")
+    internvl = m.cfg.is_internvl
     ds = build_dataset(cfg, tok, m.cfg)
     for file, line, reason in ds.skipped if rank == 0 else []:  # line: jsonl line (from 1) or JSON record (from 0)
         print(f"skip {file}:{line}: {reason}")

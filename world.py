@@ -15,6 +15,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+import data
+import load
+import model
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
           "purple": (140, 50, 170), "orange": (240, 130, 20)}
 GLYPHS = ["circle", "square", "triangle", "cross"]
@@ -266,9 +270,8 @@ def write_tiny_model(folder, texts, vit=(64, 2, 2, 128), llm=(128, 4, 4, 2, 344)
                                rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                                tie_word_embeddings=False))
     json.dump(cfg, open(os.path.join(folder, "config.json"), "w"), indent=1)
-    import model as M  # built from the same config a loader reads, then every tensor drawn at random
-    with torch.device("meta"):
-        m = M.InternVL(M.config_from_hf(cfg))
+    with torch.device("meta"):  # built from the same config a loader reads, then every tensor drawn at random
+        m = model.InternVL(load.config_from_hf(cfg))
     g = torch.Generator().manual_seed(seed)
     state = {}
     # Unit-scale activations (weights std 1/sqrt(fan_in), embeddings std 1), not the real models' std 0.02: at 0.02 a
@@ -290,7 +293,6 @@ def write_tiny_model(folder, texts, vit=(64, 2, 2, 128), llm=(128, 4, 4, 2, 344)
 
 def corpus(out):
     """Every text the world's jsonl files hold, plus the template's system message weighted so BPE merges it."""
-    import data  # the template text only
     texts = [data.TEMPLATES["internlm2-chat"]["system_message"]] * 2000
     for f in sorted(os.listdir(out)):
         if f.endswith(".jsonl"):

@@ -16,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import load  # noqa: E402
 import model as M  # noqa: E402
 from train_step import SIZES, hf_qwen_config, ids_for  # noqa: E402
 
@@ -64,7 +65,7 @@ def main():
         with torch.device(a.device):
             hf = T.Qwen2VLForConditionalGeneration._from_config(hf_qwen_config(S), dtype=dtype)
         hf.save_pretrained(tmp)
-        ours = M.load_model(tmp, dtype=dtype, device=a.device).eval()
+        ours = load.load_model(tmp, dtype=dtype, device=a.device).eval()
     hf = hf.eval()
     batch = prompts(S, a.batch, tuple(map(int, a.grid.split(","))), a.device)
     mm = (batch["input_ids"] == ids_for(S)[0]).int()

@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import load  # noqa: E402
 import model as M  # noqa: E402
 
 IMG, PAD, VS, VE = 500, 501, 502, 503
@@ -82,7 +83,7 @@ def main():
     ref = hf_model(a.arch)
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        ours = M.load_model(tmp, dtype=dtype, device=a.device).train()
+        ours = load.load_model(tmp, dtype=dtype, device=a.device).train()
     ref = ref.to(a.device, dtype).train()
     ids, mask, pv, grid = batch(a.device)
     mm = (ids == IMG).int()

@@ -33,6 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import load  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 
@@ -111,16 +112,16 @@ def ours_internvl_config(S):
          "vision_config": dict(v, patch_size=14, qkv_bias=True, hidden_act="gelu", layer_norm_eps=1e-6),
          "llm_config": dict(t, architectures=["InternLM2ForCausalLM"], rms_norm_eps=1e-5, rope_theta=1e6, bias=False,
                             max_position_embeddings=32768, eos_token_id=2, pad_token_id=2)}
-    cfg = M.config_from_hf(d)
+    cfg = load.config_from_hf(d)
     cfg.image_token_id, cfg.extra_token_id, cfg.im_start_token_id = img, extra, ids_for(S)[1]
     return cfg
 
 
 def build_ours(S, device, dtype, folder=None):
     if folder:  # the very same weights as the baseline (tiny Qwen)
-        m = M.load_model(folder, dtype=dtype, device=device)
+        m = load.load_model(folder, dtype=dtype, device=device)
     else:
-        cfg = M.config_from_hf(hf_qwen_config(S).to_dict()) if S["family"] == "qwen" else ours_internvl_config(S)
+        cfg = load.config_from_hf(hf_qwen_config(S).to_dict()) if S["family"] == "qwen" else ours_internvl_config(S)
         with torch.device(device):
             torch.set_default_dtype(dtype)
             if S.get("plain"):  # --plain: InternVL2 without perceivers, EXTRA as text: the baseline's exact work
@@ -128,7 +129,7 @@ def build_ours(S, device, dtype, folder=None):
             m = (M.Qwen2VL if S["family"] == "qwen" else M.InternVL if S.get("plain") else M.MPGUI)(cfg)
             torch.set_default_dtype(torch.float32)
     m.requires_grad_(False)
-    lora.add_adapters(m, m.cfg.arch, m.cfg.llm_arch, S["lora_llm"], 2 * S["lora_llm"], S["lora_vit"],
+    lora.add_adapters(m, S["lora_llm"], 2 * S["lora_llm"], S["lora_vit"],
                       2 * S["lora_vit"], 0.0)
     for _, layer in lora.lora_layers(m):
         layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
@@ -225,7 +226,7 @@ def model_flops(m, S, batch):
         seq = [(S["vision"]["image_size"] // 14) ** 2 + 1] * len(batch["pixel_values"])
     t_vit = sum(seq)
     cc, ca = (4, 6) if S["lora_vit"] else (2, 2)
-    f += t_vit * (cc * n_vit + 2 * n_vit_t) + 2 * ca * c.vit_depth * c.vit_hidden * sum(s * s for s in seq)
+    f += t_vit * (cc * n_vit + 2 * n_vit_t) + 2 * ca * c.vit_num_layers * c.vit_hidden_size * sum(s * s for s in seq)
     return float(f)
 
 

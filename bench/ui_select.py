@@ -16,7 +16,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import load  # noqa: E402
 import model as M  # noqa: E402
+import token_select  # noqa: E402
 import world  # noqa: E402
 
 IMG, VS, VE = 500, 501, 502
@@ -41,11 +43,11 @@ def token_stats(n_screens):
             for seed in range(n_screens):
                 pv, grid = screen(seed, kind, scale)
                 t = time.perf_counter()
-                ids = M.ui_graph(pv, grid[None], 2, M.ModelConfig.uigraph_threshold)
+                ids = token_select.ui_graph(pv, grid[None], 2, M.ModelConfig.uigraph_threshold)
                 ms.append((time.perf_counter() - t) * 1e3)
                 tok.append(len(ids))
                 comp.append(int(ids.max()) + 1)
-                kept.append(int(M.select_mask(ids, RATIO).sum()))
+                kept.append(int(token_select.select_mask(ids, RATIO).sum()))
             w, h = world.make_screen(0, kind)[0].size
             rows.append((f"{kind} {w * scale}x{h * scale}", statistics.mean(tok), statistics.mean(comp),
                          statistics.mean(kept), statistics.median(ms)))
@@ -54,7 +56,7 @@ def token_stats(n_screens):
 
 def tiny_qwen(layers, hidden, device):
     heads = hidden // 32
-    cfg = M.config_from_hf(dict(
+    cfg = load.config_from_hf(dict(
         architectures=["Qwen2VLForConditionalGeneration"], image_token_id=IMG, vision_start_token_id=VS,
         tie_word_embeddings=True, eos_token_id=2,
         text_config=dict(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 11 // 4,

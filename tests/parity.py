@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import load  # noqa: E402
 import model  # noqa: E402
 
 TOL = 1e-4
@@ -83,7 +84,7 @@ def run(folder, log=print):
     """Returns a list of (case, measured, ok)."""
     cases = load_file(os.path.join(folder, "cases.safetensors"))
     ids = dict(image_token_id="<IMG_CONTEXT>", extra_token_id="<EXTRA_IMG_CONTEXT>")
-    m = model.load_model(folder, dtype=torch.float32, special_ids={k: stand_in_id(folder, t) for k, t in ids.items()})
+    m = load.load_model(folder, dtype=torch.float32, **{k: stand_in_id(folder, t) for k, t in ids.items()})
     valid = cases["attention_mask"].bool() if "attention_mask" in cases else None
     results, done = [], set(INPUTS)
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
+import load  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 TINY_TOKENIZER = os.path.join(FIXTURES, "qwen2_vl_tiny", "tokenizer.json")
@@ -128,7 +129,7 @@ def test_expand_image_pads():
 
 
 def test_encode_qwen_tiny():
-    tok = data.load_tokenizer(os.path.dirname(TINY_TOKENIZER))
+    tok = load.load_tokenizer(os.path.dirname(TINY_TOKENIZER))
     rng = np.random.default_rng(2)
     images = [Image.fromarray(rng.integers(0, 256, hw + (3,), dtype=np.uint8)) for hw in [(200, 317), (96, 150)]]
     msgs = [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A cat."},
@@ -146,7 +147,7 @@ def test_encode_qwen_tiny():
 
 def test_load_tokenizer_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        data.load_tokenizer(str(tmp_path))
+        load.load_tokenizer(str(tmp_path))
 
 
 @pytest.mark.parametrize("fx", ["qwen2_vl_tiny", "qwen2_5_vl_tiny", "internvl2_tiny", "internvl3_tiny", "mpgui_tiny"])
@@ -158,7 +159,7 @@ def test_fixture_tokenizer_is_what_the_tool_writes(fx, tmp_path):
 
 
 def test_tiny_tokenizer():
-    tok = data.load_tokenizer(TINY_TOKENIZER)
+    tok = load.load_tokenizer(TINY_TOKENIZER)
     for s in ["hello world", "a\nb\n\nc  d", "~!@#$%^&*()_+{}|:\"<>?`-=[]\\;',./", " leading and trailing ", "x = 1\n"]:
         ids = tok.encode(s, add_special_tokens=False).ids
         assert len(ids) == len(s) and max(ids) < 160, s

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -22,7 +23,7 @@ GROUNDING = ("Based on the screenshot of the page, I give a text description and
 
 @pytest.fixture(scope="module")
 def qtok():
-    return data.load_tokenizer(os.path.join(FIXTURES, "qwen2_vl_tiny"))
+    return load.load_tokenizer(os.path.join(FIXTURES, "qwen2_vl_tiny"))
 
 
 def text_of(tok, ids):
@@ -300,7 +301,7 @@ def msg(role, content):
 
 
 def test_llamafactory_qwen2_vl_template(tmp_path):
-    tok = data.load_tokenizer(os.path.join(FIXTURES, "qwen2_5_vl_tiny"))
+    tok = load.load_tokenizer(os.path.join(FIXTURES, "qwen2_5_vl_tiny"))
     rec = {"messages": [msg("user", "<image>Where is OK?"), msg("assistant", "[0.5, 0.9]"),
                         msg("user", "And Cancel in <image>?"), msg("assistant", "[0.1, 0.2]")],
            "images": ["shots/a.png", "shots/b.png"]}
@@ -353,7 +354,7 @@ def test_llamafactory_image_pre_shrink_gives_tonguis_training_resolution():
 
 
 def test_vlaser_point_prefix_and_point_checks(tmp_path):
-    tok = data.load_tokenizer(os.path.join(FIXTURES, "internvl3_tiny"))
+    tok = load.load_tokenizer(os.path.join(FIXTURES, "internvl3_tiny"))
     Image.new("RGB", (150, 100), (10, 20, 30)).save(tmp_path / "p.png")
     lines = [{"image": "p.png", "conversations": [
                 {"from": "human", "value": "<image>\nPoint to all the moai."},

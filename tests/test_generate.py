@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import load
 import model
 import parity
 
@@ -14,11 +15,11 @@ FIXTURES = ["qwen2_vl_tiny", "qwen2_5_vl_tiny", "internvl2_tiny", "internvl3_tin
 NEW = 6
 
 
-def load(name):
+def fixture_model(name):
     folder = os.path.join(HERE, "fixtures", name)
     ids = {k: parity.stand_in_id(folder, t) for k, t in
            (("image_token_id", "<IMG_CONTEXT>"), ("extra_token_id", "<EXTRA_IMG_CONTEXT>"))}
-    m = model.load_model(folder, dtype=torch.float32, special_ids=ids)
+    m = load.load_model(folder, dtype=torch.float32, **ids)
     if m.cfg.arch == "mpgui":
         m.cfg.gate_mask = "official"  # the fixture's prompts have no chat turns to cut at
     return m, load_file(os.path.join(folder, "cases.safetensors"))
@@ -57,7 +58,7 @@ def full_forward_greedy(m, ids, vision):
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_batched_cached_decoding_equals_full_forwards(name):
-    m, cases = load(name)
+    m, cases = fixture_model(name)
     items = samples(m, cases)
     T = max(len(ids) for ids, _ in items)
     ids = torch.zeros(len(items), T, dtype=torch.long)

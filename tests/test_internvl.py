@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as E
+import load
 import model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +37,7 @@ def test_pixel_shuffle_channel_order_is_tl_tr_bl_br():
 
 
 def test_position_embedding_resized_bicubic_in_fp32_for_other_tile_sizes():
-    m = model.load_model(IVL2)
+    m = load.load_model(IVL2)
     emb = m.vision_model.embeddings
     px = torch.randn(2, 3, 168, 168)  # 12 x 12 patches; the checkpoint's grid is 8 x 8
     pos = emb.position_embedding  # (1, 65, C)
@@ -55,7 +56,7 @@ def test_select_layer_takes_that_hidden_state(tmp_path):
     cfg = json.load(open(dst / "config.json"))
     cfg["select_layer"] = -2  # hidden_states[-2]: the output of the first of the two layers
     json.dump(cfg, open(dst / "config.json", "w"))
-    full, cut = model.load_model(IVL2), model.load_model(str(dst))
+    full, cut = load.load_model(IVL2), load.load_model(str(dst))
     px = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
         ref = full.vision_model.encoder.layers[0](full.vision_model.embeddings(px))
@@ -70,13 +71,13 @@ def test_head_is_never_tied_by_a_config_default(tmp_path):
     cfg["tie_word_embeddings"] = True
     cfg["llm_config"]["tie_word_embeddings"] = True
     json.dump(cfg, open(dst / "config.json", "w"))
-    m = model.load_model(str(dst))
+    m = load.load_model(str(dst))
     out, emb = m.language_model.output.weight, m.language_model.model.tok_embeddings.weight
     assert out.data_ptr() != emb.data_ptr() and not torch.equal(out, emb)
 
 
 def test_image_token_id_comes_from_the_tokenizer_files():
-    assert model.load_model(IVL2).cfg.image_token_id == 97
+    assert load.load_model(IVL2).cfg.image_token_id == 97
 
 
 @pytest.mark.parametrize("fixture", ["qwen2_vl_tiny", "qwen2_5_vl_tiny", "internvl2_tiny", "internvl3_tiny"])

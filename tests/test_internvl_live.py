@@ -4,7 +4,7 @@ built here, with shapes unlike the fixtures: a 3-head ViT over 84- or 56-px tile
 The native model is built with a LlamaConfig decoder standing in for InternLM2 (no biases) or a Qwen2Config one
 (q/k/v biases) for InternVL3's LLM, re-randomised, converted here into the OFFICIAL remote-code layout (vision_model.*,
 mlp1.*, InternLM2's fused `wqkv` or Qwen2's language_model.model.*) with an official InternVLChatModel config.json,
-and loaded by `model.load_model`. The native model is set up as the official one runs: vision_feature_layer -1 (=
+and loaded by `load.load_model`. The native model is set up as the official one runs: vision_feature_layer -1 (=
 select_layer -1, the last layer, no final norm since use_mean_pooling), CLS dropped, its pixel shuffle is the official
 v2 sequence, and the projector LayerNorm keeps nn.LayerNorm's eps 1e-5 as mlp1.0 does.
 
@@ -21,6 +21,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+import load
 import model
 from parity import pad
 
@@ -255,7 +256,7 @@ def setup(request, tmp_path_factory):
     ref = build_native(case)
     folder = str(tmp_path_factory.mktemp(case))
     write_official(ref, case, folder)
-    ours = model.load_model(folder)
+    ours = load.load_model(folder)
     rows, _ = samples(case)
     return dict(case=case, ref=ref, ours=ours, folder=folder,
                 logits=[native_logits(ref, r, pv) for r, pv in rows],

@@ -9,6 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import load
 import model
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qwen2_vl_tiny")
@@ -52,7 +53,7 @@ def raises_naming(key):
 
 
 def test_unchanged_copy_loads(tmp_path):  # so each failure below comes from its one edit
-    assert isinstance(model.load_model(write_folder(tmp_path, fixture_state())), model.Qwen2VL)
+    assert isinstance(load.load_model(write_folder(tmp_path, fixture_state())), model.Qwen2VL)
 
 
 def test_fixture_has_no_stored_head():  # the tied head is not saved: the variants below start from that
@@ -63,14 +64,14 @@ def test_missing_key_is_named(tmp_path):
     state = fixture_state()
     del state["visual.blocks.1.attn.qkv.bias"]
     with raises_naming("visual.blocks.1.attn.qkv.bias"):
-        model.load_model(write_folder(tmp_path, state))
+        load.load_model(write_folder(tmp_path, state))
 
 
 def test_unexpected_key_is_named(tmp_path):
     state = fixture_state()
     state["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
     with raises_naming("model.layers.0.self_attn.extra.weight"):
-        model.load_model(write_folder(tmp_path, state))
+        load.load_model(write_folder(tmp_path, state))
 
 
 def test_wrong_shape_is_named(tmp_path):
@@ -78,7 +79,7 @@ def test_wrong_shape_is_named(tmp_path):
     key = "model.layers.1.mlp.up_proj.weight"
     state[key] = state[key][:-1].clone()
     with raises_naming(key):
-        model.load_model(write_folder(tmp_path, state))
+        load.load_model(write_folder(tmp_path, state))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,19 +90,19 @@ def test_tied_config_with_a_different_stored_head_raises(tmp_path):
     state = fixture_state()
     state[HEAD] = state[EMBED] + 0.01
     with raises_naming(HEAD):
-        model.load_model(write_folder(tmp_path, state))
+        load.load_model(write_folder(tmp_path, state))
 
 
 def test_tied_config_with_an_equal_stored_head_loads_tied(tmp_path):
     state = fixture_state()
     state[HEAD] = state[EMBED].clone()
-    m = model.load_model(write_folder(tmp_path, state))
+    m = load.load_model(write_folder(tmp_path, state))
     assert m.lm_head.weight is m.model.embed_tokens.weight
 
 
 def test_untied_config_without_a_stored_head_names_it_missing(tmp_path):
     with raises_naming(HEAD):
-        model.load_model(write_folder(tmp_path, fixture_state(), untied_config()))
+        load.load_model(write_folder(tmp_path, fixture_state(), untied_config()))
 
 
 @pytest.fixture
@@ -112,12 +113,12 @@ def untied_folder(tmp_path):
 
 
 def test_untied_config_loads_the_stored_head(untied_folder):
-    m = model.load_model(untied_folder)
+    m = load.load_model(untied_folder)
     assert torch.equal(m.lm_head.weight, load_file(os.path.join(untied_folder, "model.safetensors"))[HEAD])
 
 
 def test_untied_head_is_not_the_embedding(untied_folder):
-    m = model.load_model(untied_folder)
+    m = load.load_model(untied_folder)
     assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
     assert not torch.equal(m.lm_head.weight, m.model.embed_tokens.weight)
 
@@ -127,5 +128,5 @@ def test_untied_logits_match_transformers(untied_folder):
     ref = transformers.Qwen2VLForConditionalGeneration.from_pretrained(untied_folder, attn_implementation="eager")
     assert not torch.equal(ref.lm_head.weight, ref.model.language_model.embed_tokens.weight)  # the oracle unties too
     with torch.no_grad():
-        expected, got = ref(input_ids=ids).logits, model.load_model(untied_folder)(ids)
+        expected, got = ref(input_ids=ids).logits, load.load_model(untied_folder)(ids)
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-4

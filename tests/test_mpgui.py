@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+import load
 import model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +32,7 @@ def file_tensors(folder):
 
 @pytest.fixture(scope="module")
 def loaded():
-    return model.load_model(MPGUI_DIR)
+    return load.load_model(MPGUI_DIR)
 
 
 @pytest.fixture
@@ -206,7 +207,7 @@ def test_single_perceiver_mode_fills_extra_with_that_perceiver(m, mode):
     close(x[ids == EXTRA], getattr(m, f"{mode}_perceiver")(clues).flatten(0, 1))  # tile order = sample order
     close(x[ids == CTX], m.mlp1(clues).flatten(0, 1))
     text = (ids != EXTRA) & (ids != CTX)
-    close(x[text], m.tokens(ids)[text])
+    close(x[text], m.decoder.embedding(ids)[text])
 
 
 def test_the_three_perceivers_are_separate_weights(m):
@@ -233,7 +234,7 @@ def official_fusion(m, ids, labels, px, gate_mask):
     clues = m.visual_clues(px)
     vit = m.mlp1(clues)
     g, t, s = (getattr(m, f"{n}_perceiver")(clues) for n in ("graphical", "textual", "spatial"))
-    x = m.tokens(ids).clone()
+    x = m.decoder.embedding(ids).clone()
     x[ids == CTX] = vit.flatten(0, 1)
     out, tile = [], 0
     for b in range(len(ids)):
@@ -278,7 +279,7 @@ def xavier_bound(w):
 
 def test_mpgui_on_an_internvl_checkpoint_initialises_the_absent_parts():
     torch.manual_seed(0)
-    m = model.load_model(IVL2_DIR, mpgui=True)
+    m = load.load_model(IVL2_DIR, mpgui=True)
     assert isinstance(m, model.MPGUI) and sorted(m.initialised) == sorted(model.MPGUI.PARTS)
     assert m.cfg.extra_token_id is None  # this tokenizer has no <EXTRA_IMG_CONTEXT>
     file = file_tensors(IVL2_DIR)
@@ -318,7 +319,7 @@ def test_mpgui_on_an_internvl_checkpoint_initialises_the_absent_parts():
 
 
 def test_resize_vocab_adds_mean_rows_and_keeps_old_logits():
-    m = model.load_model(IVL2_DIR)
+    m = load.load_model(IVL2_DIR)
     V = m.cfg.vocab_size
     emb, head = m.decoder.tok_embeddings, m.head
     old_in, old_out = emb.weight.detach().clone(), head.weight.detach().clone()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import load
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def test_chunked_ce_frozen_head_and_no_supervised_rows():
 
 def qwen_batch():
     """Two Qwen2-VL chats of different lengths, one screenshot each, right padding."""
-    m = M.load_model(os.path.join(FIXTURES, "qwen2_vl_tiny"))
+    m = load.load_model(os.path.join(FIXTURES, "qwen2_vl_tiny"))
     g = torch.Generator().manual_seed(0)
     imgs = [Image.fromarray(torch.randint(0, 255, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
             for h, w in ((56, 84), (112, 56))]
@@ -58,7 +59,7 @@ def qwen_batch():
 
 
 def internvl_batch(name, mode=None):
-    m = M.load_model(os.path.join(FIXTURES, name))
+    m = load.load_model(os.path.join(FIXTURES, name))
     m.cfg.rope_dynamic = 0.0  # dynamic NTK depends on the row length, which packing changes (README: Performance)
     if mode:
         m.cfg.mpgui_mode = mode

@@ -1,7 +1,7 @@
 """Qwen2-VL / Qwen2.5-VL vs transformers (the oracle) on tiny random models built here, with shapes unlike the
 fixtures: GQA 6/2 heads, mrope_section [4, 2, 2], a 3-block ViT with 3 heads, Qwen2.5-VL windows with ragged edges.
 
-Every checkpoint is saved by transformers and reloaded by `model.load_model` in three layouts (save_pretrained's own,
+Every checkpoint is saved by transformers and reloaded by `load.load_model` in three layouts (save_pretrained's own,
 the nested model.visual.* / model.language_model.* one, and two shards with an index). The batch mixes two images in
 one sample, one in another and a text-only sample; image sides are not multiples of 28; left and right padding.
 """
@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import data
+import load
 import model
 from parity import pad
 
@@ -131,7 +132,7 @@ def setup(request, tmp_path_factory):
     ref.save_pretrained(folders["flat"])
     write_nested(folders["flat"], folders["nested"])
     write_sharded(folders["flat"], folders["sharded"])
-    ours = {layout: model.load_model(folder) for layout, folder in folders.items()}
+    ours = {layout: load.load_model(folder) for layout, folder in folders.items()}
     return dict(arch=arch, ref=ref, folders=folders, ours=ours)
 
 

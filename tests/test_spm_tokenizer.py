@@ -8,6 +8,7 @@ import re
 import pytest
 
 import data
+import load
 
 import sentencepiece as spm  # test-only oracle (the test extra)
 
@@ -69,7 +70,7 @@ def strings(n=300, seed=1):
 
 def test_ids_match_sentencepiece(models):
     sp = spm.SentencePieceProcessor(model_file=models["internlm2"])
-    tok = data.spm_to_tokenizer(models["internlm2"], add_bos=False)
+    tok = load.spm_to_tokenizer(models["internlm2"], add_bos=False)
     assert tok.get_vocab_size() == sp.get_piece_size()
     checked = 0
     for s in strings():
@@ -88,7 +89,7 @@ def test_normalizer_flags(models, name):
     # the slow tokenizer's (sp.encode per stretch between added tokens) for any text. Not whole-text sp.encode there:
     # that puts the dummy ▁ before a leading added token and strips/collapses spaces across added tokens.
     sp = spm.SentencePieceProcessor(model_file=models[name])
-    tok = data.spm_to_tokenizer(models[name], add_bos=False)
+    tok = load.spm_to_tokenizer(models[name], add_bos=False)
     dummy = "dummy" in name
     assert tok.encode("hello").tokens[0].startswith("▁") == dummy
     n = 0
@@ -124,7 +125,7 @@ def test_load_tokenizer_folder(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     appended = {"<img>": n, "</img>": n + 1, "<IMG_CONTEXT>": n + 2}
     (tmp_path / "added_tokens.json").write_text(json.dumps(appended))
-    tok = data.load_tokenizer(str(tmp_path))
+    tok = load.load_tokenizer(str(tmp_path))
     assert tok.token_to_id("<|im_start|>") == start and tok.token_to_id("<|im_end|>") == end
     assert tok.token_to_id("[UNUSED_TOKEN_146]") is None
     assert all(tok.token_to_id(t) == i for t, i in appended.items())
@@ -141,11 +142,11 @@ def test_load_tokenizer_folder(tmp_path):
     assert tok.decode(ids, skip_special_tokens=False) == "<s>" + text
     assert tok.decode(ids, skip_special_tokens=True) == "user\n\nclick the  button\n"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
-    assert data.load_tokenizer(str(tmp_path)).encode("click").ids == sp.encode("click")
+    assert load.load_tokenizer(str(tmp_path)).encode("click").ids == sp.encode("click")
 
 
 def test_rejects_non_bpe(tmp_path):
     with pytest.raises(ValueError, match="not BPE"):
-        data.spm_to_tokenizer(train(tmp_path / "unigram.model", model_type="unigram", vocab_size=400))
+        load.spm_to_tokenizer(train(tmp_path / "unigram.model", model_type="unigram", vocab_size=400))
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        data.load_tokenizer(str(tmp_path))
+        load.load_tokenizer(str(tmp_path))

@@ -12,7 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import data
+import load
 import model
+import token_select
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "fixtures", "qwen2_vl_tiny")
@@ -103,8 +105,8 @@ def ref_logits(m, ids, pv, grid, on, ratio, threshold):
 # fixtures
 
 
-def load():
-    m = model.load_model(TINY, dtype=torch.float32).eval()
+def tiny_case():
+    m = load.load_model(TINY, dtype=torch.float32).eval()
     c = load_file(os.path.join(TINY, "cases.safetensors"))
     return m, c
 
@@ -150,14 +152,14 @@ def test_ui_graph_hand_made_regions():
     img.paste((40, 80, 220), (56, 56, 112, 112))
     pv, grid = data.qwen_image(img, 4 * 28 * 28, 16 * 28 * 28)
     assert grid.tolist() == [1, 8, 8]
-    ids = model.ui_graph(pv, grid[None], 2, 1.0)
+    ids = token_select.ui_graph(pv, grid[None], 2, 1.0)
     assert ids.tolist() == [0] * 8 + [1, 1, 2, 2] * 2
     # a one-pixel line through the top row of blocks: those 4 blocks are alike, unlike the plain white ones below;
     # a second image continues the numbering after the first one's 3 components
     img2 = Image.new("RGB", (112, 112), "white")
     img2.paste((0, 0, 0), (0, 10, 112, 11))
     pv2, grid2 = data.qwen_image(img2, 4 * 28 * 28, 16 * 28 * 28)
-    ids = model.ui_graph(torch.cat([pv, pv2]), torch.stack([grid, grid2]), 2, 1.0)
+    ids = token_select.ui_graph(torch.cat([pv, pv2]), torch.stack([grid, grid2]), 2, 1.0)
     assert ids.tolist()[16:] == [3] * 4 + [4] * 12
     assert torch.bincount(ids).tolist() == [8, 4, 4, 4, 12]
 
@@ -167,19 +169,19 @@ def test_ui_graph_raster_numbering_and_strict_threshold():
     # the U's id 0 though it is reached last; then B = 1 and C = 2 by first appearance
     u = [[0, 5, 0], [0, -5, 0], [0, 0, 0]]
     grid = torch.tensor([[1, 6, 6]])
-    assert model.ui_graph(block_pixels(u), grid, 2, 1.0).tolist() == [0, 1, 0, 0, 2, 0, 0, 0, 0]
-    assert model.ui_graph(block_pixels(u), grid, 2, 1.0).tolist() == ref_ui_graph(block_pixels(u), grid, 2, 1.0)
+    assert token_select.ui_graph(block_pixels(u), grid, 2, 1.0).tolist() == [0, 1, 0, 0, 2, 0, 0, 0, 0]
+    assert token_select.ui_graph(block_pixels(u), grid, 2, 1.0).tolist() == ref_ui_graph(block_pixels(u), grid, 2, 1.0)
     # two blocks whose distance is exactly the threshold stay apart (strict <); just below, they join
     for d, want in ((1.0, [0, 1]), (0.999, [0, 0])):
         pv = torch.zeros(8, 1176)
         pv[5, 17] = d
-        assert model.ui_graph(pv, torch.tensor([[1, 2, 4]]), 2, 1.0).tolist() == want
+        assert token_select.ui_graph(pv, torch.tensor([[1, 2, 4]]), 2, 1.0).tolist() == want
 
 
 @pytest.mark.parametrize("threshold", [0.0, 79.0, THR, 84.0, 1e9])
 def test_ui_graph_matches_reference_on_fixture_images(threshold):
-    _, c = load()
-    ids = model.ui_graph(c["pixel_values"], c["image_grid_thw"], 2, threshold)
+    _, c = tiny_case()
+    ids = token_select.ui_graph(c["pixel_values"], c["image_grid_thw"], 2, threshold)
     assert ids.tolist() == ref_ui_graph(c["pixel_values"], c["image_grid_thw"], 2, threshold)
     n = c["image_grid_thw"].prod(-1).div(4).long().tolist()
     if threshold == 0.0:  # nothing is closer than 0: every token alone
@@ -198,10 +200,10 @@ def test_select_mask_rule():
     # text (-1) kept; singletons kept; n=4, r=.5 -> 2 kept (ends); n=5 -> round(2.5) = 2 skipped -> 3 kept (0, 2, 4);
     # n=3 -> round(1.5) = 2 skipped -> 1 kept (the first)
     assign = torch.tensor([-1, 0, 0, 0, 0, -1, 1, 2, 2, 2, 2, 2, 3, 3, 3])
-    keep = model.select_mask(assign, 0.5)
+    keep = token_select.select_mask(assign, 0.5)
     assert keep.tolist() == [1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 0, 0]
-    assert model.select_mask(assign, 0.0).all()
-    assert model.select_mask(assign, 1.0).tolist() == [1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0]
+    assert token_select.select_mask(assign, 0.0).all()
+    assert token_select.select_mask(assign, 1.0).tolist() == [1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0]
 
 
 def test_select_mask_matches_reference():
@@ -210,14 +212,14 @@ def test_select_mask_matches_reference():
         T = int(torch.randint(1, 300, (1,), generator=g))
         assign = torch.randint(-1, int(torch.randint(1, 40, (1,), generator=g)), (T,), generator=g)
         for ratio in (0.1, 0.25, 0.5, 0.53, 0.7, 1.0):
-            assert model.select_mask(assign, ratio).tolist() == ref_select(assign.tolist(), ratio), (trial, ratio)
+            assert token_select.select_mask(assign, ratio).tolist() == ref_select(assign.tolist(), ratio), (trial, ratio)
 
 
 def test_select_mask_random():
     assign = torch.tensor([-1] * 5 + [0] * 10 + [1] + [2] * 7 + [-1] * 3)[torch.randperm(26)]
     picks = set()
     for seed in range(10):
-        keep = model.select_mask(assign, 0.5, rand=True, generator=torch.Generator().manual_seed(seed))
+        keep = token_select.select_mask(assign, 0.5, rand=True, generator=torch.Generator().manual_seed(seed))
         assert keep[assign == -1].all() and keep[assign == 1].all()
         assert int(keep[assign == 0].sum()) == 5 and int(keep[assign == 2].sum()) == 3  # 7 - round(3.5) = 3
         picks.add(tuple(keep.tolist()))
@@ -229,7 +231,7 @@ def test_select_mask_random():
 
 
 def test_parse_skip_layers():
-    P = model.parse_skip_layers
+    P = token_select.parse_skip_layers
     assert P("[1,28,0]", 28) == [0] * 28 and P("[1,28,0]", 2) == [0, 0]
     assert P("[1,28,1]", 28) == [1] * 28 and P("[1,28,1]", 2) == [1, 1]  # ends past the last layer are clipped
     even = ",".join(f"[{i},{i},1]" for i in range(2, 27, 2))
@@ -239,7 +241,7 @@ def test_parse_skip_layers():
     for bad in ["[1,28]", "1,28,0", "[0,3,1]", "[5,3,1]", "[1,28,2]", "[1,28,1];[2,2,0]", "", "[1,2,1]x", [1]]:
         with pytest.raises(ValueError, match=re.escape(repr(bad))):
             P(bad, 2)
-    cfg = model.load_model(TINY).cfg
+    cfg = load.load_model(TINY).cfg
     cfg.lm_skip_layer = "[1,2,1"
     with pytest.raises(ValueError, match=re.escape("'[1,2,1'")):
         model.Qwen2VL(cfg)
@@ -250,7 +252,7 @@ def test_parse_skip_layers():
 
 
 def test_off_is_the_plain_model():
-    m, c = load()
+    m, c = tiny_case()
     ids, kw = batch(c)
     plain = m(ids, **kw)
     for mode, layers, ratio, test, train in [("eval", "[1,28,1]", 0.5, False, True),  # eval: no graph by default
@@ -265,7 +267,7 @@ def test_off_is_the_plain_model():
 
 
 def test_all_singletons_change_nothing():
-    m, c = load()
+    m, c = tiny_case()
     ids, kw = batch(c)
     plain = m(ids, **kw)
     select(m, "[1,28,1]", 0.5, threshold=0.0)  # every block its own component: everything kept
@@ -277,11 +279,11 @@ def test_all_singletons_change_nothing():
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
 def test_batched_selection_matches_per_layer_reference(layers, ratio):
     """The padded batch (2 samples that keep different numbers of tokens) against the loop reference per sample."""
-    m, c = load()
+    m, c = tiny_case()
     ids, kw = batch(c)
     select(m, layers, ratio)
     keep = m.token_keep(ids, None, kw["pixel_values"], kw["image_grid_thw"])
-    on = model.parse_skip_layers(layers, m.cfg.num_layers)
+    on = token_select.parse_skip_layers(layers, m.cfg.num_layers)
     assert [k is not None for k in keep] == [bool(f) for f in on]
     kept = next(k for k in keep if k is not None).sum(1)
     assert kept[0] != kept[1] and bool((kept < ids.shape[1]).all())
@@ -298,7 +300,7 @@ def test_batched_selection_matches_per_layer_reference(layers, ratio):
 
 def test_unpadded_batch_keeping_different_counts():
     """No attention mask, but the two samples keep different numbers of tokens: the packed layout pads them."""
-    m, c = load()
+    m, c = tiny_case()
     (_, pv0, g0), (s1, pv1, g1) = per_sample(m, c)
     img, n1 = m.cfg.image_token_id, int(g1.prod()) // 4
     start = int((s1 == img).nonzero()[0])
@@ -316,7 +318,7 @@ def test_unpadded_batch_keeping_different_counts():
 
 
 def test_training_step_random_selection_and_checkpointing():
-    m, c = load()
+    m, c = tiny_case()
     ids, kw = batch(c)
     select(m, "[1,28,1]", 0.5)
     m.cfg.lm_skip_rand = True
@@ -348,7 +350,7 @@ def test_training_step_random_selection_and_checkpointing():
 
 
 def test_selection_with_a_cache_is_an_error():
-    m, c = load()
+    m, c = tiny_case()
     ids, kw = batch(c)
     m.generate(ids, max_new_tokens=2, **kw)  # default: no selection in eval, generation works
     select(m, "[1,28,1]", 0.5)

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data
+import load
 from tools import aitw, srp, synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def jsonl(path):
 
 def consumable(meta, n):
     """The output loads in the training dataset: every line valid, every image found, the first sample encodes."""
-    tok = data.load_tokenizer(os.path.join(FIX, "internvl2_tiny"))
+    tok = load.load_tokenizer(os.path.join(FIX, "internvl2_tiny"))
     ds = data.InternVLDataset(meta, tok, "internlm2-chat", num_image_token=16, image_size=112, max_tiles=1,
                               max_length=100000)
     assert ds.skipped == [] and len(ds) == n

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools.common import Skips, conv, write_jsonl, write_meta  # noqa: E402
 
 # the official ICON_TYPE map's names (its second field, a description, is unused): 63 literal entries with
-# ICON_HOME twice (same name both times), so 62 types (mpgui.md says 64 entries)
+# ICON_HOME twice (same name both times), so 62 types
 ICONS = {
     "ICON_SEND": "Send Icon", "ICON_CALL": "Call Icon", "ICON_STAR": "Star Icon", "ICON_PAUSE": "Pause Icon",
     "ICON_THREE_DOTS": "Three Dots Icon", "ICON_CALENDAR": "Calendar Icon", "ICON_MIC": "Microphone Icon",

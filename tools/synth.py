@@ -130,12 +130,11 @@ class OwnModel:
     """Our checkpoint as the teacher: eval.answer_batch, greedy, left-padded batches."""
 
     def __init__(self, a):
-        import eval as E
-        import data
-        import model as M
+        import eval as E  # torch and the model only for this teacher; a server teacher needs neither
+        import load
         self.E, self.batch = E, a.batch_size
-        self.m = M.load_model(a.model, dtype=E.DTYPES[a.dtype], device=a.device)
-        self.tok = data.load_tokenizer(self.m.folder)
+        self.m = load.load_model(a.model, dtype=E.DTYPES[a.dtype], device=a.device)
+        self.tok = load.load_tokenizer(self.m.folder)
         self.opts = types.SimpleNamespace(max_tiles=a.max_tiles, system=a.system, min_pixels=a.min_pixels,
                                           max_pixels=a.max_pixels, max_new_tokens=a.max_new_tokens or 256)
 
