@@ -1,5 +1,5 @@
-"""eval.py's scorers: hand-computed cases, and CIDEr-D / ROUGE-L against pycocoevalcap / rouge-score; the
-shuffled-images control on a stand-in model."""
+"""scorers.py: hand-computed cases, and CIDEr-D / ROUGE-L against pycocoevalcap / rouge-score; eval.py's kinds
+through score(), its --task check and the shuffled-images control on a stand-in model."""
 import json
 import math
 import random
@@ -11,48 +11,49 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 from rouge_score import rouge_scorer
 
 import eval as E
+import scorers as S
 
 
 def test_parse_point_formats_and_failures():
-    assert E.parse_point("[0.49, 0.42]") == (0.49, 0.42)
-    assert E.parse_point(" (0.1, 0.2) ") == (0.1, 0.2)
-    assert E.parse_point("[0.2, 0.4, 0.4, 0.8]") == pytest.approx((0.3, 0.6))  # TongUI box -> centre
-    assert E.parse_point("<point>[[500, 250]]</point>") == (0.5, 0.25)
-    assert E.parse_point("The <point>[[12, 998], [3, 4]]</point> here") == (0.012, 0.998)
+    assert S.parse_point("[0.49, 0.42]") == (0.49, 0.42)
+    assert S.parse_point(" (0.1, 0.2) ") == (0.1, 0.2)
+    assert S.parse_point("[0.2, 0.4, 0.4, 0.8]") == pytest.approx((0.3, 0.6))  # TongUI box -> centre
+    assert S.parse_point("<point>[[500, 250]]</point>") == (0.5, 0.25)
+    assert S.parse_point("The <point>[[12, 998], [3, 4]]</point> here") == (0.012, 0.998)
     for bad in ("", "click it", "[0.1]", "[0.1, 'a']", "[True, 0.2]", "{'x': 1}", "[0.1, 0.2", "None"):
-        assert E.parse_point(bad) is None, bad
+        assert S.parse_point(bad) is None, bad
 
 
 def test_point_in_box_inclusive():
     box = (0.1, 0.2, 0.3, 0.4)
-    assert E.point_in_box((0.1, 0.4), box) and E.point_in_box((0.3, 0.2), box) and E.point_in_box((0.2, 0.3), box)
-    assert not E.point_in_box((0.31, 0.3), box) and not E.point_in_box(None, box)
-    assert E.point_in_box((0.5, 0.5), (0.5, 0.5, 0.5, 0.5))  # a degenerate box still holds its own point
+    assert S.point_in_box((0.1, 0.4), box) and S.point_in_box((0.3, 0.2), box) and S.point_in_box((0.2, 0.3), box)
+    assert not S.point_in_box((0.31, 0.3), box) and not S.point_in_box(None, box)
+    assert S.point_in_box((0.5, 0.5), (0.5, 0.5, 0.5, 0.5))  # a degenerate box still holds its own point
 
 
 def test_screenspot_macro_vs_micro():
     recs = [dict(split="mobile", data_type="text", hit=True)] * 3 + [dict(split="mobile", data_type="text", hit=False)]
     recs += [dict(split="web", data_type="icon", hit=False), dict(split="web", data_type="icon", hit=None)]  # unparsed
-    s = E.screenspot_scores(recs)
+    s = S.screenspot_scores(recs)
     assert s["mobile/text"] == 0.75 and s["web/icon"] == 0.0
     assert s["avg"] == 0.375 and s["micro"] == 0.5 and s["n"] == 6
     six = [dict(split=a, data_type=t, hit=a == "web") for a in ("mobile", "desktop", "web") for t in ("text", "icon")]
-    assert E.screenspot_scores(six)["avg"] == pytest.approx(1 / 3)
-    assert E.screenspot_scores([])["avg"] == 0.0
+    assert S.screenspot_scores(six)["avg"] == pytest.approx(1 / 3)
+    assert S.screenspot_scores([])["avg"] == 0.0
 
 
 def test_iou_and_parse_box():
-    assert E.iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
-    assert E.iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
-    assert E.iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
-    assert E.iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0  # degenerate: zero union
-    assert E.iou((0, 0, 0, 1), (0, 0, 1, 1)) == 0.0  # zero-width box
-    assert E.iou((2, 2, 0, 0), (0, 0, 2, 2)) == 0.0  # inverted box has area 0
-    assert E.parse_box("<ref>Save</ref><box>[[100, 200, 300, 400]]</box>") == (0.1, 0.2, 0.3, 0.4)
-    assert E.parse_box("[[0, 0, 1000, 500]]") == (0.0, 0.0, 1.0, 0.5)
-    assert E.parse_box("box: [10,20,30,40] and [1, 2, 3, 4]") == (0.01, 0.02, 0.03, 0.04)
+    assert S.iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+    assert S.iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
+    assert S.iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    assert S.iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0  # degenerate: zero union
+    assert S.iou((0, 0, 0, 1), (0, 0, 1, 1)) == 0.0  # zero-width box
+    assert S.iou((2, 2, 0, 0), (0, 0, 2, 2)) == 0.0  # inverted box has area 0
+    assert S.parse_box("<ref>Save</ref><box>[[100, 200, 300, 400]]</box>") == (0.1, 0.2, 0.3, 0.4)
+    assert S.parse_box("[[0, 0, 1000, 500]]") == (0.0, 0.0, 1.0, 0.5)
+    assert S.parse_box("box: [10,20,30,40] and [1, 2, 3, 4]") == (0.01, 0.02, 0.03, 0.04)
     for bad in ("", "[1, 2, 3]", "<box>[[1, 2]]</box>", "no box"):
-        assert E.parse_box(bad) is None
+        assert S.parse_box(bad) is None
 
 
 def test_refexp_scores():
@@ -62,46 +63,46 @@ def test_refexp_scores():
              ((0.0, 0.0, 0.2, 1.0), gt),  # iou 0.2, centre in
              ((0.9, 0.9, 2.9, 2.9), gt),  # iou 0.01/7.99, centre out
              (None, gt)]
-    s = E.refexp_scores(pairs)
+    s = S.refexp_scores(pairs)
     assert (s["acc@0.1"], s["acc@0.3"], s["acc@0.5"], s["acc@0.7"]) == (0.6, 0.4, 0.4, 0.2)
     assert s["center_acc"] == 0.6 and s["n"] == 5
-    assert E.refexp_scores([((0, 0, 0.5, 1), gt)])["acc@0.5"] == 1.0  # IoU exactly 0.5 counts
-    assert E.refexp_scores([])["acc@0.5"] == 0.0
+    assert S.refexp_scores([((0, 0, 0.5, 1), gt)])["acc@0.5"] == 1.0  # IoU exactly 0.5 counts
+    assert S.refexp_scores([])["acc@0.5"] == 0.0
 
 
 def test_binary_f1_positive_is_clickable_zero():
     golds = ["0", "0", "0", "1", "1"]
     preds = ["0", " 0", "1", "0", "maybe"]  # TP, TP, FN, FP, unparsable (wrong, not positive)
-    s = E.binary_f1(preds, golds)
+    s = S.binary_f1(preds, golds)
     assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(2 / 3)
     assert s["f1"] == pytest.approx(2 / 3) and s["acc"] == 0.4
-    s = E.binary_f1(["x", None, "1"], ["0", "0", "1"])
+    s = S.binary_f1(["x", None, "1"], ["0", "0", "1"])
     assert (s["precision"], s["recall"], s["f1"], s["acc"]) == (0.0, 0.0, 0.0, pytest.approx(1 / 3))
-    assert E.binary_f1([0, 1], [0, 1])["f1"] == 1.0  # ints compare as their strings
-    assert E.binary_f1(["1"], ["1"], positive="1")["f1"] == 1.0
+    assert S.binary_f1([0, 1], [0, 1])["f1"] == 1.0  # ints compare as their strings
+    assert S.binary_f1(["1"], ["1"], positive="1")["f1"] == 1.0
 
 
 def test_squad():
-    assert E.normalize_answer("The  Cat, sat on an A-mat!") == "cat sat on amat"
-    assert E.normalize_answer("  ") == ""
-    assert E.squad_em("the Cat.", "cat") == 1.0 and E.squad_em("cat", "dog") == 0.0
-    assert E.squad_f1("the cat sat", "a cat sat down") == pytest.approx(2 * 2 / (2 + 3))
-    assert E.squad_f1("cat cat", "cat") == pytest.approx(2 * 1 / 3)  # counts clip
-    assert E.squad_f1("the", "") == 1.0 and E.squad_f1("the", "cat") == 0.0 and E.squad_em("", "an") == 1.0
-    assert E.squad_f1("dog", ["cat", "big dog", "dog"]) == 1.0
-    assert E.squad_f1("big dog", ["cat", "big brown dog"]) == pytest.approx(0.8)
-    assert E.squad_em("dog", []) == 0.0
+    assert S.normalize_answer("The  Cat, sat on an A-mat!") == "cat sat on amat"
+    assert S.normalize_answer("  ") == ""
+    assert S.squad_em("the Cat.", "cat") == 1.0 and S.squad_em("cat", "dog") == 0.0
+    assert S.squad_f1("the cat sat", "a cat sat down") == pytest.approx(2 * 2 / (2 + 3))
+    assert S.squad_f1("cat cat", "cat") == pytest.approx(2 * 1 / 3)  # counts clip
+    assert S.squad_f1("the", "") == 1.0 and S.squad_f1("the", "cat") == 0.0 and S.squad_em("", "an") == 1.0
+    assert S.squad_f1("dog", ["cat", "big dog", "dog"]) == 1.0
+    assert S.squad_f1("big dog", ["cat", "big brown dog"]) == pytest.approx(0.8)
+    assert S.squad_em("dog", []) == 0.0
     # ScreenQA's <no answer> is its own token
-    assert E.squad_em("<no answer>", "<no answer>") == 1.0 and E.squad_f1(" <No Answer> ", "<no answer>") == 1.0
-    assert E.squad_em("no answer", "<no answer>") == 0.0 and E.squad_f1("no answer", "<no answer>") == 0.0
-    assert E.squad_f1("<no answer>", "no answer") == 0.0
-    assert E.squad_f1("<no answer>", ["cat", "<no answer>"]) == 1.0
+    assert S.squad_em("<no answer>", "<no answer>") == 1.0 and S.squad_f1(" <No Answer> ", "<no answer>") == 1.0
+    assert S.squad_em("no answer", "<no answer>") == 0.0 and S.squad_f1("no answer", "<no answer>") == 0.0
+    assert S.squad_f1("<no answer>", "no answer") == 0.0
+    assert S.squad_f1("<no answer>", ["cat", "<no answer>"]) == 1.0
 
 
 def test_rouge_l_hand():
-    assert E.rouge_l("the cat sat", "the cat sat") == 1.0
-    assert E.rouge_l("The cat, sat!", "a cat sat down") == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
-    assert E.rouge_l("", "cat") == 0.0 and E.rouge_l("!!", "cat") == 0.0 and E.rouge_l("dog", "cat") == 0.0
+    assert S.rouge_l("the cat sat", "the cat sat") == 1.0
+    assert S.rouge_l("The cat, sat!", "a cat sat down") == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
+    assert S.rouge_l("", "cat") == 0.0 and S.rouge_l("!!", "cat") == 0.0 and S.rouge_l("dog", "cat") == 0.0
 
 
 WORDS = "a the cat dog sat on mat red blue big small button menu click open close settings".split()
@@ -117,7 +118,7 @@ def test_rouge_l_matches_rouge_score():
                         for _ in range(rnd.randint(0, 12)))
     pairs = [(sent(), sent()) for _ in range(100)] + [("", "cat"), ("cat", "")]
     for pred, ref in pairs:
-        assert abs(E.rouge_l(pred, ref) - scorer.score(ref, pred)["rougeL"].fmeasure) < 1e-9, (pred, ref)
+        assert abs(S.rouge_l(pred, ref) - scorer.score(ref, pred)["rougeL"].fmeasure) < 1e-9, (pred, ref)
 
 
 def _coco_cider(cands, refs):
@@ -135,7 +136,7 @@ def test_cider_d_matches_pycocoevalcap():
     for trial in range(5):
         refs = {f"im{i}": [sent() for _ in range(rnd.randint(2, 5))] for i in range(30)}
         cands = {i: (rs[0] if rnd.random() < .2 else sent(lo=0)) for i, rs in refs.items()}
-        mean, per = E.cider_d(cands, refs)
+        mean, per = S.cider_d(cands, refs)
         ref_mean, ref_per = _coco_cider(cands, refs)
         assert abs(mean - ref_mean) < 1e-9
         assert all(abs(per[i] - r) < 1e-9 for i, r in zip(refs, ref_per))
@@ -144,32 +145,32 @@ def test_cider_d_matches_pycocoevalcap():
 
 def test_cider_d_hand():
     # one image: idf = log(1) - log(1) = 0 everywhere, so every score is 0 (as in pycocoevalcap)
-    assert E.cider_d({"a": "cat"}, {"a": ["cat"]}) == (0.0, {"a": 0.0})
+    assert S.cider_d({"a": "cat"}, {"a": ["cat"]}) == (0.0, {"a": 0.0})
     # two images, disjoint vocab: every n-gram has idf log 2; the candidate equals its only reference -> 10 per n
     # that has n-grams, averaged over n=1..4: "cat sat" has uni- and bigrams only -> 10 * 2 / 4 = 5
-    mean, per = E.cider_d({"a": "cat sat", "b": "x"}, {"a": ["cat sat"], "b": ["dog"]})
+    mean, per = S.cider_d({"a": "cat sat", "b": "x"}, {"a": ["cat sat"], "b": ["dog"]})
     assert per["a"] == pytest.approx(5.0) and per["b"] == 0.0 and mean == pytest.approx(2.5)
     # length penalty uses the bigram counts: an empty candidate vs a 3-word reference
-    assert E.cider_d({"a": "", "b": "y"}, {"a": ["p q r"], "b": ["z"]})[0] == 0.0
+    assert S.cider_d({"a": "", "b": "y"}, {"a": ["p q r"], "b": ["z"]})[0] == 0.0
 
 
 def test_parse_points_and_ref_box():
-    assert E.parse_points("<point>[[1, 2], [30,40]]</point> and <point>[[5, 6]]</point>") == [(1, 2), (30, 40), (5, 6)]
-    assert E.parse_points("<point>[1, 2]</point>") == [] and E.parse_points("") == []
-    assert E.parse_points("<point>[[1.5, 2]]</point>") == []
+    assert S.parse_points("<point>[[1, 2], [30,40]]</point> and <point>[[5, 6]]</point>") == [(1, 2), (30, 40), (5, 6)]
+    assert S.parse_points("<point>[1, 2]</point>") == [] and S.parse_points("") == []
+    assert S.parse_points("<point>[[1.5, 2]]</point>") == []
     text = "<ref>Save button</ref><box>[[10, 20, 30, 40]]</box> <ref>x</ref><box>[[1,2,3,4], [5, 6, 7, 8]]</box>"
-    assert E.parse_ref_box(text) == [("Save button", (10, 20, 30, 40)), ("x", (1, 2, 3, 4)), ("x", (5, 6, 7, 8))]
-    assert E.parse_ref_box("<box>[[1, 2, 3, 4]]</box>") == [] and E.parse_ref_box("<ref>a</ref><box>[[1]]</box>") == []
+    assert S.parse_ref_box(text) == [("Save button", (10, 20, 30, 40)), ("x", (1, 2, 3, 4)), ("x", (5, 6, 7, 8))]
+    assert S.parse_ref_box("<box>[[1, 2, 3, 4]]</box>") == [] and S.parse_ref_box("<ref>a</ref><box>[[1]]</box>") == []
 
 
 def test_parse_action():
     showui = "{'action': 'CLICK', 'value': None, 'position': [0.49, 0.42]}"
-    assert E.parse_action(showui) == {"action": "CLICK", "value": None, "position": [0.49, 0.42]}
+    assert S.parse_action(showui) == {"action": "CLICK", "value": None, "position": [0.49, 0.42]}
     tongui = 'Thought: I should open settings.\nAction: {"action": "TAP", "value": null, "position": [0.1, 0.2]}'
-    assert E.parse_action(tongui) == {"action": "TAP", "value": None, "position": [0.1, 0.2]}
-    assert E.parse_action("Action: sure {'action': 'SCROLL', 'value': 'up'} done")["value"] == "up"
+    assert S.parse_action(tongui) == {"action": "TAP", "value": None, "position": [0.1, 0.2]}
+    assert S.parse_action("Action: sure {'action': 'SCROLL', 'value': 'up'} done")["value"] == "up"
     for bad in ("", "CLICK", "[0.1, 0.2]", "{'value': 1}", "Action: {'action': 'CLICK'", "{'action': x}"):
-        assert E.parse_action(bad) is None, bad
+        assert S.parse_action(bad) is None, bad
 
 
 def test_action_scores():
@@ -182,12 +183,12 @@ def test_action_scores():
              ({"action": "TYPE", "value": "Hello!"}, {"action": "TYPE", "value": "hello"}),
              ({"action": "SCROLL", "value": "down"}, {"action": "SCROLL", "value": "up"}),
              ({"action": "PRESS_BACK"}, {"action": "PRESS_BACK", "value": None})]
-    s = E.action_scores(pairs)
+    s = S.action_scores(pairs)
     assert s["type_acc"] == 7 / 8 and s["click_acc"] == 2 / 5 and s["step_sr"] == 4 / 8 and s["n"] == 8
-    assert E.action_scores(pairs[:1], click_radius=0.15)["click_acc"] == 1.0
+    assert S.action_scores(pairs[:1], click_radius=0.15)["click_acc"] == 1.0
     tap = ({"action": "TAP", "position": [0.4, 0.4, 0.6, 0.6]}, {"action": "TAP", "position": [0.5, 0.5]})
-    assert E.action_scores([tap])["step_sr"] == 1.0  # a box position reduces to its centre
-    assert E.action_scores([])["type_acc"] == 0.0
+    assert S.action_scores([tap])["step_sr"] == 1.0  # a box position reduces to its centre
+    assert S.action_scores([])["type_acc"] == 0.0
 
 
 def test_mind2web_scores():
@@ -199,13 +200,13 @@ def test_mind2web_scores():
              dict(pred_action="SELECT", pred_value="Blue", pred_point=(0.5, 0.5), gold_op="SELECT", gold_value="blue",
                   gold_box=box),  # op F1 1, element wrong
              dict(pred_action=None, pred_value=None, pred_point=None, gold_op="CLICK", gold_value=None, gold_box=box)]
-    s = E.mind2web_scores(steps)
+    s = S.mind2web_scores(steps)
     assert s["ele_acc"] == 0.5 and s["step_sr"] == 0.25 and s["n"] == 4
     assert s["op_f1"] == pytest.approx((1 + 6 / 7 + 1 + 0) / 4)
     assert s["op_f1_macro"] == pytest.approx((0.5 + 6 / 7 + 1) / 3)
     wrong_op = dict(steps[0], pred_action="TYPE", pred_value="x")  # {TYPE x} vs {CLICK}: F1 0
-    assert E.mind2web_scores([wrong_op])["op_f1"] == 0.0 and E.mind2web_scores([])["step_sr"] == 0.0
-    assert not math.isnan(E.mind2web_scores([])["op_f1_macro"])
+    assert S.mind2web_scores([wrong_op])["op_f1"] == 0.0 and S.mind2web_scores([])["step_sr"] == 0.0
+    assert not math.isnan(S.mind2web_scores([])["op_f1_macro"])
 
 
 def test_shuffled_images_control(tmp_path, monkeypatch):
@@ -235,4 +236,87 @@ def test_shuffled_images_control(tmp_path, monkeypatch):
         f.write(json.dumps(dict(id=0, image="red.png", conversations=[
             {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}])) + "\n")
     with pytest.raises(ValueError, match="'colour' has 1 distinct image"):
+        E.evaluate(m, None, a)
+
+
+def test_score_point_kind():
+    """ScreenSpot accuracy (first point in the gold box) and Vlaser point precision (all points) on 0-1000 gold
+    boxes; ShowUI's [x, y] answers are 0-1, Vlaser's <point> answers 0-1000."""
+    golds = ["<ref>Save</ref><box>[[100, 200, 300, 400]]</box>", "[[100, 200, 300, 400]]",
+             "<box>[[100, 200, 300, 400]]</box>", "[100, 200, 300, 400]", "[[100, 200, 300, 400]]"]
+    preds = ["[0.2, 0.3]",  # inside: 1 of 1 point
+             "<point>[[150, 250], [900, 900]]</point>",  # first inside: 1 of 2 points
+             "[0.5, 0.5]",  # outside: 0 of 1
+             "click Save",  # unparsable: a miss, one point counted
+             "[0.3, 0.4]"]  # on the corner: edges count, 1 of 1
+    s = S.score("point", preds, golds)
+    assert s["accuracy"] == 3 / 5 and s["point_precision"] == 3 / 6
+    assert S.score("point", ["<point>[[900, 900]]</point>"], golds[:1]) == dict(accuracy=0.0, point_precision=0.0)
+    with pytest.raises(ValueError, match="point scorer: cannot read the gold answer 'Save'"):
+        S.score("point", ["[0.2, 0.3]"], ["Save"])
+
+
+def test_score_action_kind():
+    """ShowUI navigation answers (str of a dict) on both sides; TongUI's 'Action: {json}' predictions read too."""
+    click = "{'action': 'CLICK', 'value': None, 'position': [0.5, 0.5]}"
+    swipe = "{'action': 'SWIPE', 'value': None, 'position': [[0.5, 0.8], [0.5, 0.2]]}"
+    pairs = [("{'action': 'CLICK', 'value': None, 'position': [0.55, 0.6]}", click),  # 0.112 from the gold: hit
+             ('Thought: type it.\nAction: {"action": "INPUT", "value": "new york", "position": [0.21, 0.12]}',
+              "{'action': 'INPUT', 'value': 'New York', 'position': [0.2, 0.1]}"),  # point and value right
+             ("{'action': 'CLICK', 'value': None, 'position': [0.9, 0.9]}", click),  # right type, too far
+             ("{'action': 'ENTER', 'value': None, 'position': None}",
+              "{'action': 'ENTER', 'value': None, 'position': None}"),  # no position to match
+             (swipe, swipe),  # a drag never matches on position: right type only
+             ("I don't know", click),  # unparsable: wrong
+             ("{'action': 'TAP', 'value': None, 'position': [0.5, 0.5]}", swipe)]  # wrong type (no crash on the drag)
+    s = S.score("action", [p for p, _ in pairs], [g for _, g in pairs])
+    assert s["type_acc"] == 5 / 7 and s["click_acc"] == 1 / 3 and s["step_sr"] == 3 / 7 and s["n"] == 7
+    with pytest.raises(ValueError, match="action scorer: cannot read the gold answer"):
+        S.score("action", [click], ["CLICK"])
+
+
+def test_every_kind_is_dispatched():
+    golds = {"box": "[[0, 0, 500, 500]]", "tap": "0", "squad": "cat", "rouge": "cat", "cider": "cat", "match": "cat",
+             "point": "[[0, 0, 500, 500]]", "action": "{'action': 'ENTER'}"}
+    assert set(golds) == set(S.KINDS) and set(S.TASKS.values()) <= set(S.KINDS)
+    for kind, gold in golds.items():
+        assert isinstance(S.score(kind, [gold], [gold]), dict), kind
+    with pytest.raises(ValueError, match="unknown scorer 'points'"):
+        S.score("points", ["x"], ["x"])
+
+
+def _colour_meta(tmp_path, answer):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
+    line = dict(id=0, image="red.png", conversations=[{"from": "human", "value": "<image>\nWhere?"},
+                                                       {"from": "gpt", "value": answer}])
+    (tmp_path / "colour.jsonl").write_text(json.dumps(line) + "\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"colour": dict(root=str(tmp_path), annotation=str(tmp_path / "colour.jsonl"),
+                                               data_augment=False, repeat_time=1)}))
+    return str(meta)
+
+
+def test_unknown_kind_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --task was checked")
+    monkeypatch.setattr(E.M, "load_model", load_model)
+    meta = _colour_meta(tmp_path, "red")
+    for bad in ("colour=colour_match", "colour", "=match"):
+        with pytest.raises(SystemExit):
+            E.main(["--model", "none", "--data", meta, "--task", bad])
+        assert f"--task {bad!r}: expected NAME=KIND" in capsys.readouterr().err
+    assert E.task_table(["Colour=point"])["colour"] == "point"  # looked up by the lower-cased dataset name
+
+
+def test_unreadable_gold_fails_before_inference(tmp_path, monkeypatch):
+    def answer_batch(*args):
+        raise AssertionError("inference ran before the gold answers were checked")
+    monkeypatch.setattr(E, "answer_batch", answer_batch)
+    m = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", template="internlm2-chat"))
+    a = SimpleNamespace(task=["colour=point"], out=str(tmp_path / "out"), max_new_tokens=8, system=None, max_tiles=1,
+                        data=_colour_meta(tmp_path, "red"), limit=0, batch_size=4, shuffled_images=False)
+    with pytest.raises(ValueError, match="point scorer: cannot read the gold answer 'red'"):
+        E.evaluate(m, None, a)
+    a.task = ["colour=nope"]
+    with pytest.raises(ValueError, match="expected NAME=KIND"):
         E.evaluate(m, None, a)
