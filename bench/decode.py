@@ -1,4 +1,4 @@
-"""Batched greedy decoding (issue 8): our VLM.generate (static KV cache, as eval.py calls it) vs transformers'
+"""Batched greedy decoding: our VLM.generate (static KV cache, as eval.py calls it) vs transformers'
 generate, the same weights and the same left-padded prompts (a screenshot + text each), one process.
 
     python bench/decode.py                                   # tiny Qwen2-VL, CPU, fp32

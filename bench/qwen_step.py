@@ -1,5 +1,5 @@
 """Forward + backward time of one small Qwen2-VL / Qwen2.5-VL config: ours vs transformers, same weights, same batch,
-one process, interleaved rounds. Informational (the training benchmark proper is bench/train_step.py, issue 8).
+one process, interleaved rounds. Informational (the training benchmark proper is bench/train_step.py).
 
     python bench/qwen_step.py [--arch qwen2_vl|qwen2_5_vl] [--steps 5] [--device cpu|cuda] [--dtype float32|bfloat16]
 """

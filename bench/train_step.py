@@ -1,4 +1,4 @@
-"""Training-step benchmark (issue 8): ours vs a transformers + peft baseline, same batch, one process.
+"""Training-step benchmark: ours vs a transformers + peft baseline, same batch, one process.
 
     python bench/train_step.py --size tiny                       # CPU, fp32 (a few seconds)
     python bench/train_step.py --size tiny-internvl              # CPU, fp32, MP-GUI layout
