@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 import data
 import load
-
 import scorers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,11 +25,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def encode(m, tok, question, images, a, max_tiles=None):
     """Prompt token ids (T,) and vision inputs for one question; images without an <image> placeholder go ahead of
     it. Qwen images at the --min/--max-pixels budget; InternVL / MP-GUI images as up to max_tiles tiles."""
-    if m.cfg.arch in ("internvl", "mpgui"):
+    if m.cfg.is_internvl:
         tiles = [data.internvl_tiles(im, max_tiles or a.max_tiles, m.cfg.vit_image_size) for im in images]
         enc = data.encode_internvl(tok, [{"from": "human", "value": question}], m.cfg.template,
                                    [len(t) for t in tiles], m.cfg.num_image_token,
-                                   "<EXTRA_IMG_CONTEXT>" if m.cfg.arch == "mpgui" else None, a.system)
+                                   data.EXTRA_CONTEXT if m.cfg.is_mpgui else None, a.system)
         return enc["input_ids"], (dict(pixel_values=torch.cat(tiles)) if tiles else {})
     system = "You are a helpful assistant." if a.system is None else None if a.system.lower() == "none" else a.system
     question = question if "<image>" in question else "<image>" * len(images) + question
@@ -74,9 +73,9 @@ def evaluate(m, tok, a):
     os.makedirs(a.out, exist_ok=True)
     summary = dict(model=m.folder, arch=m.cfg.arch, template=m.cfg.template or "chatml", padding="left",
                    decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>", system=a.system,
-                   images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.arch != "qwen2_vl" and m.cfg.arch !=
-                   "qwen2_5_vl" else f"{a.min_pixels}..{a.max_pixels} pixels", datasets={})
-    if m.cfg.arch == "mpgui":
+                   images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.is_internvl
+                   else f"{a.min_pixels}..{a.max_pixels} pixels", datasets={})
+    if m.cfg.is_mpgui:
         summary["mpgui_mode"] = m.cfg.mpgui_mode
     with open(os.path.join(a.out, "predictions.jsonl"), "w") as out:
         for spec in data.read_meta(a.data):
@@ -148,11 +147,9 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     t0 = time.time()
-    m = load.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device)
-    if a.mpgui_mode:
-        if m.cfg.arch != "mpgui":
-            p.error(f"--mpgui-mode: {a.model} is {m.cfg.arch}, not an MP-GUI checkpoint")
-        m.cfg.mpgui_mode = a.mpgui_mode
+    m = load.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device, mpgui_mode=a.mpgui_mode)
+    if a.mpgui_mode and not m.cfg.is_mpgui:
+        p.error(f"--mpgui-mode: {a.model} is {m.cfg.arch}, not an MP-GUI checkpoint")
     tok = load.load_tokenizer(m.folder)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
