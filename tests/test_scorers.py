@@ -225,7 +225,8 @@ def test_shuffled_images_control(tmp_path, monkeypatch):
     names = {Image.new("RGB", (1, 1), c).getpixel((0, 0)): c for c in colours}
     monkeypatch.setattr(E, "answer_batch", lambda m, tok, prompts, a: (
         [names[images[0].getpixel((0, 0))] for _, images, _ in prompts], 0))
-    m = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", template="internlm2-chat"))
+    m = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", is_internvl=True, is_mpgui=False,
+                                                                template="internlm2-chat"))
     a = SimpleNamespace(task=["colour=match"], out=str(tmp_path / "out"), max_new_tokens=8, system=None, max_tiles=1,
                         data=str(meta), limit=0, batch_size=4, shuffled_images=True)
     r = E.evaluate(m, None, a)["datasets"]["colour"]
@@ -299,7 +300,7 @@ def _colour_meta(tmp_path, answer):
 def test_unknown_kind_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before --task was checked")
-    monkeypatch.setattr(E.M, "load_model", load_model)
+    monkeypatch.setattr(E.load, "load_model", load_model)
     meta = _colour_meta(tmp_path, "red")
     for bad in ("colour=colour_match", "colour", "=match"):
         with pytest.raises(SystemExit):
@@ -312,7 +313,8 @@ def test_unreadable_gold_fails_before_inference(tmp_path, monkeypatch):
     def answer_batch(*args):
         raise AssertionError("inference ran before the gold answers were checked")
     monkeypatch.setattr(E, "answer_batch", answer_batch)
-    m = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", template="internlm2-chat"))
+    m = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", is_internvl=True, is_mpgui=False,
+                                                                template="internlm2-chat"))
     a = SimpleNamespace(task=["colour=point"], out=str(tmp_path / "out"), max_new_tokens=8, system=None, max_tiles=1,
                         data=_colour_meta(tmp_path, "red"), limit=0, batch_size=4, shuffled_images=False)
     with pytest.raises(ValueError, match="point scorer: cannot read the gold answer 'red'"):
