@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import datasets
 import model as M
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,7 +93,7 @@ def evaluate(m, tok, a):
     if m.cfg.arch == "mpgui":
         summary["mpgui_mode"] = m.cfg.mpgui_mode
     with open(os.path.join(a.out, "predictions.jsonl"), "w") as out:
-        for spec in data.read_meta(a.data):
+        for spec in datasets.read_meta(a.data):
             kind = tasks.get(spec["name"].lower())
             if kind is None:
                 raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
