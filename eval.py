@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import formats
 import load
 import scorers
 
@@ -31,7 +32,7 @@ def encode(m, tok, question, images, a, max_tiles=None):
                                    [len(t) for t in tiles], m.cfg.num_image_token,
                                    data.EXTRA_CONTEXT if m.cfg.is_mpgui else None, a.system)
         return enc["input_ids"], (dict(pixel_values=torch.cat(tiles)) if tiles else {})
-    system = "You are a helpful assistant." if a.system is None else None if a.system.lower() == "none" else a.system
+    system = data.QWEN_SYSTEM if a.system is None else None if a.system.lower() == "none" else a.system
     question = question if "<image>" in question else "<image>" * len(images) + question
     enc = data.encode_qwen(tok, [{"role": "user", "content": question}], images, a.min_pixels, a.max_pixels, system)
     return enc["input_ids"], (dict(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
@@ -78,7 +79,7 @@ def evaluate(m, tok, a):
     if m.cfg.is_mpgui:
         summary["mpgui_mode"] = m.cfg.mpgui_mode
     with open(os.path.join(a.out, "predictions.jsonl"), "w") as out:
-        for spec in data.read_meta(a.data):
+        for spec in formats.read_meta(a.data):
             kind = tasks.get(spec["name"].lower())
             if kind is None:
                 raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")

@@ -10,7 +10,6 @@ token_select.py. Module and parameter names equal the checkpoint keys, so `model
 models/qwen2_5_vl/modeling_qwen2_5_vl.py; OpenGVLab/InternVL internvl_chat/internvl/model/ (internvl_chat/
 modeling_internvl_chat.py, internvl_chat/modeling_intern_vit.py, internlm2/modeling_internlm2.py).
 """
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from tokenizers import AddedToken
 
 import data
+import formats
 import load
 import lora
 import model
@@ -174,18 +175,19 @@ def build_dataset(cfg, tok, mc):
                          "internvl or vlaser; Qwen2-VL / Qwen2.5-VL read showui_grounding, showui_navigation or "
                          "llamafactory")
     if internvl:
-        return data.InternVLDataset(cfg.meta, tok, mc.template, mc.num_image_token, mc.vit_image_size, cfg.max_tiles,
-                                    cfg.max_length, data.EXTRA_CONTEXT if mc.is_mpgui else None,
-                                    point_prefix=data.VLASER_POINT_PREFIX if cfg.data_format == "vlaser" else None)
+        return formats.InternVLDataset(
+            cfg.meta, tok, mc.template, mc.num_image_token, mc.vit_image_size, cfg.max_tiles, cfg.max_length,
+            data.EXTRA_CONTEXT if mc.is_mpgui else None,
+            point_prefix=formats.VLASER_POINT_PREFIX if cfg.data_format == "vlaser" else None)
     common = (tok, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
     if cfg.data_format == "showui_grounding":
-        return data.ShowUIGrounding(cfg.data_dir, cfg.datasets, *common, cfg.num_turn, cfg.crop_min, cfg.crop_max,
-                                    cfg.xy_int)
+        return formats.ShowUIGrounding(cfg.data_dir, cfg.datasets, *common, cfg.num_turn, cfg.crop_min, cfg.crop_max,
+                                        cfg.xy_int)
     if cfg.data_format == "showui_navigation":
-        return data.ShowUINavigation(cfg.data_dir, cfg.datasets, *common, cfg.num_history, cfg.interleaved_history,
-                                     cfg.num_turn)
-    return data.LlamaFactoryDataset(cfg.data_dir, cfg.datasets, *common, cfg.image_max_pixels, cfg.media_dir,
-                                    cfg.max_samples)
+        return formats.ShowUINavigation(cfg.data_dir, cfg.datasets, *common, cfg.num_history, cfg.interleaved_history,
+                                         cfg.num_turn)
+    return formats.LlamaFactoryDataset(cfg.data_dir, cfg.datasets, *common, cfg.image_max_pixels, cfg.media_dir,
+                                        cfg.max_samples)
 
 
 def qwen_batch(b, mc, distributed):

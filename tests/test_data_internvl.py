@@ -58,15 +58,15 @@ def noise_image(w, h, seed=0):
 def test_tiling_examples(size, grid, n_tiles):
     assert data.internvl_grid(*size) == grid
     image = Image.new("RGB", size, (10, 20, 30))
-    tiles = data.dynamic_preprocess(image, max_num=12, use_thumbnail=True)
+    tiles = data.dynamic_preprocess(image, max_tiles=12, use_thumbnail=True)
     assert len(tiles) == n_tiles and all(t.size == (448, 448) for t in tiles)
-    x = data.internvl_tiles(image, max_num=12)
+    x = data.internvl_tiles(image, max_tiles=12)
     assert x.shape == (n_tiles, 3, 448, 448) and x.dtype == torch.float32
 
 
 def test_thumbnail_rule():
     assert len(data.dynamic_preprocess(Image.new("RGB", (1920, 1080)), use_thumbnail=False)) == 8
-    assert len(data.dynamic_preprocess(Image.new("RGB", (1920, 1080)), max_num=1, use_thumbnail=True)) == 1
+    assert len(data.dynamic_preprocess(Image.new("RGB", (1920, 1080)), max_tiles=1, use_thumbnail=True)) == 1
     assert len(data.internvl_tiles(Image.new("RGB", (500, 460)), use_thumbnail=True)) == 1  # one tile: no thumbnail
 
 
@@ -84,7 +84,7 @@ def test_grid_vs_reference():
 
 def test_tile_pixels_by_hand():
     image = noise_image(1000, 700)
-    x = data.internvl_tiles(image, max_num=6)
+    x = data.internvl_tiles(image, max_tiles=6)
     cols, rows = data.internvl_grid(1000, 700, 1, 6)
     assert x.shape[0] == cols * rows + 1
     resized = image.resize((448 * cols, 448 * rows), Image.BICUBIC)
@@ -98,14 +98,19 @@ def test_tile_pixels_by_hand():
 
 # ----------------------------------------------------------------------------- templates
 
+def render_internvl(conversations, template, system=None, num_images=0):
+    """The whole prompt text: encode_internvl's per-turn pieces, joined."""
+    return "".join(text for text, _ in data._internvl_segments(conversations, template, system, num_images))
+
+
 def test_render_internlm2_chat():
     conv = [{"from": "human", "value": "<image>\nDescribe."}]
     want = (f"<|im_start|>system\n{SYS_LM2}<|im_end|><|im_start|>user\n<image>\nDescribe.<|im_end|>"
             "<|im_start|>assistant\n")
-    assert data.render_internvl(conv, "internlm2-chat") == want
+    assert render_internvl(conv, "internlm2-chat") == want
     # no placeholder but one image: upstream prepends it, then strips the value
-    assert data.render_internvl([{"from": "human", "value": "Describe.\n "}], "internlm2-chat", num_images=1) == want
-    assert data.render_internvl([{"from": "human", "value": " Describe."}], "internlm2-chat", num_images=1) == \
+    assert render_internvl([{"from": "human", "value": "Describe.\n "}], "internlm2-chat", num_images=1) == want
+    assert render_internvl([{"from": "human", "value": " Describe."}], "internlm2-chat", num_images=1) == \
         want.replace("\nDescribe.", "\n Describe.")
 
 
@@ -113,12 +118,12 @@ def test_render_internvl2_5():
     conv = [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"}]
     want = (f"<|im_start|>system\n{SYS_25}<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n"
             "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n")
-    assert data.render_internvl(conv, "internvl2_5") == want
-    own = data.render_internvl([{"from": "system", "value": "Be brief."}] + conv, "internvl2_5")
+    assert render_internvl(conv, "internvl2_5") == want
+    own = render_internvl([{"from": "system", "value": "Be brief."}] + conv, "internvl2_5")
     assert own == want.replace(SYS_25, "Be brief.")
-    assert data.render_internvl(conv, "internvl2_5", system="X") == want.replace(SYS_25, "X")
+    assert render_internvl(conv, "internvl2_5", system="X") == want.replace(SYS_25, "X")
     with pytest.raises(ValueError, match="human/gpt"):
-        data.render_internvl([{"from": "gpt", "value": "A"}], "internvl2_5")
+        render_internvl([{"from": "gpt", "value": "A"}], "internvl2_5")
 
 
 # ----------------------------------------------------------------------------- ids and labels
@@ -161,7 +166,7 @@ def test_labels(template):
     assert int((ids == tok.token_to_id("<IMG_CONTEXT>")).sum()) == 48
     assert int((ids == tok.token_to_id("<EXTRA_IMG_CONTEXT>")).sum()) == 0
     # ids are what upstream tokenizes: the full string with BOS, or each turn on its own
-    text = data.expand_internvl_images(data.render_internvl(CONV, template), [3], 16)
+    text = data.expand_internvl_images(render_internvl(CONV, template), [3], 16)
     if template == "internlm2-chat":
         assert ids.tolist() == tok.encode(text).ids and ids[0] == tok.token_to_id("<s>")
     else:

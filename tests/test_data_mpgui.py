@@ -11,6 +11,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import data
+import formats
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "mpgui_data")
 FILES = ["QA.jsonl", "CQA.jsonl"]
@@ -48,7 +49,7 @@ def write_meta(path, **datasets):
 
 
 def dataset(meta, tok, **kw):
-    return data.InternVLDataset(meta, tok, "internlm2-chat", NT, image_size=S, extra_token=EXTRA, **kw)
+    return formats.InternVLDataset(meta, tok, "internlm2-chat", NT, image_size=S, extra_token=EXTRA, **kw)
 
 
 def answer_runs(labels):
@@ -62,8 +63,8 @@ def answer_runs(labels):
     return runs
 
 
-def n_tiles(w, h, max_num=6):
-    cols, rows = data.internvl_grid(w, h, 1, max_num, S)
+def n_tiles(w, h, max_tiles=6):
+    cols, rows = data.internvl_grid(w, h, 1, max_tiles, S)
     return cols * rows + (cols * rows > 1)
 
 
@@ -217,11 +218,11 @@ def test_read_meta(tmp_path, monkeypatch):
     (sub / "x.jsonl").write_text("")
     monkeypatch.chdir(tmp_path)
     meta = write_meta(sub / "meta.json", d=dict(annotation="x.jsonl", root="imgs", max_dynamic_patch=4, length="9"))
-    (m,) = data.read_meta(meta)  # neither exists relative to the cwd: both are taken from the meta file's folder
+    (m,) = formats.read_meta(meta)  # neither exists relative to the cwd: both are taken from the meta file's folder
     assert m == dict(name="d", root=str(sub / "imgs"), annotation=str(sub / "x.jsonl"), repeat_time=1,
                      data_augment=False, max_dynamic_patch=4)
     meta = write_meta(sub / "meta.json", d=dict(annotation="sub/x.jsonl", root=""))
-    assert data.read_meta(meta)[0]["annotation"] == "sub/x.jsonl"  # exists from the cwd: kept as upstream
+    assert formats.read_meta(meta)[0]["annotation"] == "sub/x.jsonl"  # exists from the cwd: kept as upstream
     bad = [({"annotation": "x.jsonl", "root": "", "data_augment": False}, "missing key 'repeat_time'"),
            ({"annotation": "x.jsonl", "root": "", "data_augment": False, "repeat_time": 1, "typo": 1}, "unknown"),
            ({"annotation": "x.jsonl", "root": "", "data_augment": False, "repeat_time": 1.5}, "'repeat_time'"),
@@ -231,7 +232,7 @@ def test_read_meta(tmp_path, monkeypatch):
     for d, msg in bad:
         (sub / "bad.json").write_text(json.dumps({"ds": d}))
         with pytest.raises(ValueError, match="bad.json: dataset 'ds'.*" + msg.replace("(", r"\(")):
-            data.read_meta(str(sub / "bad.json"))
+            formats.read_meta(str(sub / "bad.json"))
 
 
 def test_length_grouped_indices():

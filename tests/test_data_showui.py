@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+import formats
 import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_grounding_single_turn_is_showui_template(tmp_path, qtok):
     rec = {"img_url": "a.png", "img_size": [280, 168], "element": [element("Galerie", 0.6543, 0.3749)],
            "element_size": 1}
     d, _ = grounding_dir(tmp_path, [rec])
-    ds = data.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 4096, num_turn=100)
+    ds = formats.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 4096, num_turn=100)
     s = ds[0]
     # no system turn; the uniform prompt, then the image, then the instruction, in one user turn
     assert text_of(qtok, s["input_ids"]) == (f"<|im_start|>user\n{GROUNDING}{IMG}Galerie<|im_end|>\n"
@@ -92,7 +93,7 @@ def test_grounding_multi_turn_packing_samples_with_replacement(tmp_path, qtok):
     els = [element("OK", 0.2, 0.3), element("Cancel", 0.5, 0.7), element("Help", 0.8, 0.126)]
     d, _ = grounding_dir(tmp_path, [{"img_url": "a.png", "img_size": [280, 168], "element": els}])
     for num_turn, xy_int in ((2, False), (10, False), (3, True)):
-        ds = data.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 4096, num_turn=num_turn,
+        ds = formats.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 4096, num_turn=num_turn,
                                   xy_int=xy_int)
         random.seed(7)
         s = ds[0]
@@ -132,7 +133,7 @@ def test_crop_pad_keeps_points_on_their_elements():
     kept_any = padded = 0
     for seed in range(60):
         random.seed(seed)
-        out, kept = data.showui_crop(image, [W, H], els, 0.5, 1.5)
+        out, kept = formats.showui_crop(image, [W, H], els, 0.5, 1.5)
         if kept is els:  # nothing survived: the original image and elements come back
             assert out is image
             continue
@@ -156,13 +157,13 @@ def test_grounding_crop_in_dataset_answers_match_cropped_image(tmp_path, qtok):
     image.save(root / "images" / "a.png")
     write_json(str(root / "metadata" / "x.json"), [{"img_url": "a.png", "img_size": [W, H], "element": [
         dict(instruction="red", bbox=[126 / W, 70 / H, 154 / W, 98 / H], point=[140 / W, 84 / H])]}])
-    ds = data.ShowUIGrounding(str(tmp_path), ["mine:x"], qtok, MIN_PIX, MAX_PIX, 4096, crop_min=0.6, crop_max=1.4)
+    ds = formats.ShowUIGrounding(str(tmp_path), ["mine:x"], qtok, MIN_PIX, MAX_PIX, 4096, crop_min=0.6, crop_max=1.4)
     for seed in range(10):
         random.seed(seed)
         s = ds[0]
         xy = json.loads(supervised(qtok, s)[0].replace("<|im_end|>", ""))
         random.seed(seed)
-        crop, _ = data.showui_crop(image, [W, H], ds.samples[0][2]["element"], 0.6, 1.4)
+        crop, _ = formats.showui_crop(image, [W, H], ds.samples[0][2]["element"], 0.6, 1.4)
         assert s["image_grid_thw"].tolist() == [data.qwen_image(crop, MIN_PIX, MAX_PIX)[1].tolist()]
         assert crop.getpixel((int(xy[0] * crop.width), int(xy[1] * crop.height))) == (255, 0, 0)
 
@@ -176,17 +177,17 @@ def test_grounding_malformed_records_are_reported(tmp_path, qtok):
                {"img_url": "e.png", "img_size": "big", "element": [element("OK", 0.5, 0.5)]},
                ["not", "an", "object"]]
     d, meta = grounding_dir(tmp_path, records)
-    ds = data.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 4096)
+    ds = formats.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 4096)
     assert len(ds) == 1
     why = {i: r for f, i, r in ds.skipped}
     assert all(f == meta for f, _, _ in ds.skipped) and sorted(why) == [1, 2, 3, 4, 5, 6]
     assert "missing image" in why[1] and "absent.png" in why[1]
     assert "element" in why[2] and "point [140, 84]" in why[3] and "instruction" in why[4]
     assert "img_size" in why[5] and "object" in why[6]
-    too_long = data.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 100)[0]
+    too_long = formats.ShowUIGrounding(d, ["showui-desktop:hf_train"], qtok, MIN_PIX, MAX_PIX, 100)[0]
     assert too_long["skip"][:2] == (meta, 0) and "max_length 100" in too_long["skip"][2]
     with pytest.raises(ValueError, match="name:json"):
-        data.ShowUIGrounding(d, ["showui-desktop"], qtok, MIN_PIX, MAX_PIX, 4096)
+        formats.ShowUIGrounding(d, ["showui-desktop"], qtok, MIN_PIX, MAX_PIX, 4096)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,9 +232,9 @@ ANSWER = "{'action': 'TAP', 'value': None, 'position': [0.49, 0.42]}"
 
 
 def test_navigation_tttt_is_showui_template(tmp_path, qtok):
-    assert data.nav_system("smartphone") == SMARTPHONE
+    assert formats.nav_system("smartphone") == SMARTPHONE
     d, _ = nav_dir(tmp_path, "smartphone", [PHONE_RECORD])
-    ds = data.ShowUINavigation(d, ["guiact:hf_train_smartphone"], qtok, MIN_PIX, MAX_PIX, 8192, num_history=2,
+    ds = formats.ShowUINavigation(d, ["guiact:hf_train_smartphone"], qtok, MIN_PIX, MAX_PIX, 8192, num_history=2,
                                history="tttt", num_turn=100)
     s = ds[0]
     # the last two past actions as text, run together as upstream's chat template joins text items, then the screen
@@ -246,7 +247,7 @@ def test_navigation_tttt_is_showui_template(tmp_path, qtok):
 @pytest.mark.parametrize("num_turn", [1, 100])
 def test_navigation_vtvt_interleaves_screens_and_activates_history(tmp_path, qtok, num_turn):
     d, _ = nav_dir(tmp_path, "smartphone", [PHONE_RECORD])
-    ds = data.ShowUINavigation(d, ["guiact:hf_train_smartphone"], qtok, MIN_PIX, MAX_PIX, 8192, num_history=2,
+    ds = formats.ShowUINavigation(d, ["guiact:hf_train_smartphone"], qtok, MIN_PIX, MAX_PIX, 8192, num_history=2,
                                history="vtvt", num_turn=num_turn)
     s = ds[0]
     assert text_of(qtok, s["input_ids"]) == (f"<|im_start|>user\n{SMARTPHONE}Task: open the mail app\n{IMG}{H1}{IMG}"
@@ -261,7 +262,7 @@ def test_navigation_answers_and_action_spaces(tmp_path, qtok):
            "step": [step("select_text", point=[[0.111, 0.222], [0.333, 0.444]]), step("copy", "hello")]}
     d, meta = nav_dir(tmp_path, "web-multi", [web, dict(web, step=step("tap", point=[0.5, 0.5])),
                                               dict(web, img_url="absent"), dict(web, step=step("click", point="x"))])
-    ds = data.ShowUINavigation(d, ["guiact:hf_train_web-multi"], qtok, MIN_PIX, MAX_PIX, 8192, num_history=4)
+    ds = formats.ShowUINavigation(d, ["guiact:hf_train_web-multi"], qtok, MIN_PIX, MAX_PIX, 8192, num_history=4)
     assert supervised(qtok, ds[0]) == [
         "{'action': 'SELECT_TEXT', 'value': None, 'position': [[0.11, 0.22], [0.33, 0.44]]},"
         "{'action': 'COPY', 'value': 'hello', 'position': None}<|im_end|>"]
@@ -271,9 +272,9 @@ def test_navigation_answers_and_action_spaces(tmp_path, qtok):
     bad = ds[1]  # record 3: a point of the wrong kind fails when the sample is built, reported the same way
     assert bad["skip"][:2] == (meta, 3) and "cannot encode" in bad["skip"][2]
     with pytest.raises(ValueError, match="unknown split"):
-        data.ShowUINavigation(d, ["guiact:hf_train_desktop"], qtok, MIN_PIX, MAX_PIX, 8192)
+        formats.ShowUINavigation(d, ["guiact:hf_train_desktop"], qtok, MIN_PIX, MAX_PIX, 8192)
     with pytest.raises(ValueError, match="vvvv"):
-        data.ShowUINavigation(d, ["guiact:hf_train_web-multi"], qtok, MIN_PIX, MAX_PIX, 8192, history="vvvv")
+        formats.ShowUINavigation(d, ["guiact:hf_train_web-multi"], qtok, MIN_PIX, MAX_PIX, 8192, history="vvvv")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def test_llamafactory_qwen2_vl_template(tmp_path):
     system_first = {"messages": [msg("system", "Be brief."), msg("user", "hi"), msg("assistant", "yes")]}
     for file_name in ("tongui.json", "tongui.jsonl"):
         d, _ = lf_dir(tmp_path, [rec, system_first], file_name=file_name)
-        ds = data.LlamaFactoryDataset(d, ["tongui-tiny"], tok, MIN_PIX, MAX_PIX, 8192)
+        ds = formats.LlamaFactoryDataset(d, ["tongui-tiny"], tok, MIN_PIX, MAX_PIX, 8192)
         s = ds[0]
         assert text_of(tok, s["input_ids"]) == (
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # the template's default system turn
@@ -329,24 +330,24 @@ def test_llamafactory_malformed_records_and_info(tmp_path, qtok):
                {"messages": [msg("user", "<image>x"), msg("assistant", "y")], "images": ["shots/none.png"]},
                {"conversations": [msg("user", "x"), msg("assistant", "y")]}]
     d, file = lf_dir(tmp_path, records)
-    ds = data.LlamaFactoryDataset(d, ["tongui-tiny"], qtok, MIN_PIX, MAX_PIX, 8192, max_samples=5)
+    ds = formats.LlamaFactoryDataset(d, ["tongui-tiny"], qtok, MIN_PIX, MAX_PIX, 8192, max_samples=5)
     why = {i: r for f, i, r in ds.skipped}
     assert len(ds) == 1 and all(f == file for f, _, _ in ds.skipped) and sorted(why) == [1, 2, 3, 4]  # 5: max_samples
     assert "2 <image> tags" in why[1] and "alternate" in why[2] and "alternate" in why[3] and "none.png" in why[4]
     with pytest.raises(ValueError, match="undefined|'other'"):
-        data.LlamaFactoryDataset(d, ["other"], qtok, MIN_PIX, MAX_PIX, 8192)
+        formats.LlamaFactoryDataset(d, ["other"], qtok, MIN_PIX, MAX_PIX, 8192)
     d, _ = lf_dir(tmp_path, records, info=dict(INFO, formatting="alpaca"))
     with pytest.raises(ValueError, match="tongui-tiny.*sharegpt"):
-        data.LlamaFactoryDataset(d, ["tongui-tiny"], qtok, MIN_PIX, MAX_PIX, 8192)
+        formats.LlamaFactoryDataset(d, ["tongui-tiny"], qtok, MIN_PIX, MAX_PIX, 8192)
 
 
 def test_llamafactory_image_pre_shrink_gives_tonguis_training_resolution():
     lo, hi = 3136, 12845056  # the hub processor's limits, which LLaMA-Factory leaves in place
-    shot = data.llamafactory_image(Image.new("RGB", (1920, 1080)), 1344 * 28 * 28)
+    shot = formats.llamafactory_image(Image.new("RGB", (1920, 1080)), 1344 * 28 * 28)
     assert shot.size == (1368, 769)
     assert data.smart_resize(769, 1368, 28, lo, hi) == (756, 1372)  # 27 x 49 = 1323 tokens, not 1296
     assert data.smart_resize(1080, 1920, 28, 256 * 28 * 28, 1344 * 28 * 28) == (756, 1344)  # inference: 1296
-    assert data.llamafactory_image(Image.new("RGB", (400, 20)), 10 ** 6).size == (400, 28)
+    assert formats.llamafactory_image(Image.new("RGB", (400, 20)), 10 ** 6).size == (400, 28)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -369,16 +370,16 @@ def test_vlaser_point_prefix_and_point_checks(tmp_path):
         f.writelines(json.dumps(l) + "\n" for l in lines)
     write_json(str(tmp_path / "meta.json"), {"v": {"root": str(tmp_path), "annotation": str(tmp_path / "v.jsonl"),
                                                    "data_augment": False, "repeat_time": 1}})
-    ds = data.InternVLDataset(str(tmp_path / "meta.json"), tok, "internvl2_5", 16, 112, max_tiles=2,
-                              point_prefix=data.VLASER_POINT_PREFIX)
+    ds = formats.InternVLDataset(str(tmp_path / "meta.json"), tok, "internvl2_5", 16, 112, max_tiles=2,
+                              point_prefix=formats.VLASER_POINT_PREFIX)
     assert sorted(l for _, l, _ in ds.skipped) == [3, 4] and all("0..1000" in r for _, _, r in ds.skipped)
     by_line = {line: ds[i] for i, (_, line, _, _) in enumerate(ds.samples)}
     point, plain = by_line[1], by_line[2]
     text = tok.decode(point["input_ids"].tolist(), skip_special_tokens=False)
-    assert f"<|im_start|>user\n<img>" in text and f"</img>\n{data.VLASER_POINT_PREFIX} Point to all the moai." in text
+    assert f"<|im_start|>user\n<img>" in text and f"</img>\n{formats.VLASER_POINT_PREFIX} Point to all the moai." in text
     assert supervised(tok, point) == ["<point>[[254, 624], [304, 624]]</point><|im_end|>"]
     assert "You are InternVL. Your task" not in tok.decode(plain["input_ids"].tolist(), skip_special_tokens=False)
-    again = data.with_point_prefix(data.with_point_prefix(lines[0]["conversations"], "P:"), "P:")
+    again = formats.with_point_prefix(formats.with_point_prefix(lines[0]["conversations"], "P:"), "P:")
     assert again[0]["value"] == "<image>\nP: Point to all the moai."  # added once
 
 
@@ -390,7 +391,7 @@ def test_collate_qwen_samples(tmp_path, qtok):
     rec = {"messages": [msg("user", "<image>x"), msg("assistant", "y")], "images": ["shots/a.png"]}
     d, _ = lf_dir(tmp_path, [rec, {"messages": [msg("user", "text only, longer"), msg("assistant", "z")]},
                              dict(rec, images=["shots/b.png"])])
-    ds = data.LlamaFactoryDataset(d, ["tongui-tiny"], qtok, MIN_PIX, MAX_PIX, 8192)
+    ds = formats.LlamaFactoryDataset(d, ["tongui-tiny"], qtok, MIN_PIX, MAX_PIX, 8192)
     samples = [ds[0], ds[1], ds[2], dict(skip=("f", 9, "why"))]
     b = data.collate(samples, pad_id=0)
     n = [len(s["input_ids"]) for s in samples[:3]]

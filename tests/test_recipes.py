@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import formats
 import load
 import train
 
@@ -153,7 +154,7 @@ def test_tongui_recipe(tmp_path):
     run = str(tmp_path / "run")
     cfg = train.load_config(config("tongui_3b"), [f"--data_dir={folder}", "--max_steps=10", *TONGUI_SHRINK])
     # the epoch's first 20 samples (10 steps of 2) hold text-only ones: a text-only micro-batch trains too
-    ds = data.LlamaFactoryDataset(folder, cfg.datasets, load.load_tokenizer(os.path.join(FIXTURES, "qwen2_5_vl_tiny")),
+    ds = formats.LlamaFactoryDataset(folder, cfg.datasets, load.load_tokenizer(os.path.join(FIXTURES, "qwen2_5_vl_tiny")),
                                   cfg.min_pixels, cfg.max_pixels, cfg.max_length)
     order = train.step_order(len(ds), cfg, ds.lengths, 0)[:20]
     assert len(ds) == 26 and any("images" not in ds.samples[i][2] for i in order)

@@ -5,7 +5,7 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = {"model.py": 1300, "data.py": 900, "eval.py": 600, "train.py": 500, "perceivers.py": 200, "lora.py": 150,
-          "merge.py": 150, "world.py": 350, "scorers.py": 350}
+          "merge.py": 150, "world.py": 350, "scorers.py": 350, "formats.py": 500}
 RUNTIME_LIBS = {"torch", "safetensors", "tokenizers", "PIL", "numpy", "tqdm", "huggingface_hub"}
 
 

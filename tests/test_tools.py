@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import data
+import formats
 import load
 from tools import aitw, srp, synth
 
@@ -46,7 +47,7 @@ def jsonl(path):
 def consumable(meta, n):
     """The output loads in the training dataset: every line valid, every image found, the first sample encodes."""
     tok = load.load_tokenizer(os.path.join(FIX, "internvl2_tiny"))
-    ds = data.InternVLDataset(meta, tok, "internlm2-chat", num_image_token=16, image_size=112, max_tiles=1,
+    ds = formats.InternVLDataset(meta, tok, "internlm2-chat", num_image_token=16, image_size=112, max_tiles=1,
                               max_length=100000)
     assert ds.skipped == [] and len(ds) == n
     if n:
@@ -346,7 +347,7 @@ def test_synth_server_retries_resumes_and_never_repeats(tmp_path, server):
     assert len(qa) == 6 and [r["type"] for r in qa] == ["icon", "location"] * 3
     assert qa[1]["conversations"] == [{"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "7"}]
     assert qa[0]["conversations"][1]["value"] == f"Q: what? A: {ga}"
-    meta = data.read_meta(os.path.join(out, "meta.json"))
+    meta = formats.read_meta(os.path.join(out, "meta.json"))
     assert [(m["name"], os.path.basename(m["annotation"]), m["root"]) for m in meta] == [
         ("global_des", "global_des.jsonl", d), ("local_des", "local_des.jsonl", d), ("spe_qa", "spe_qa.jsonl", d)]
     consumable(os.path.join(out, "meta.json"), 3 + 3 + 6)

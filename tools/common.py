@@ -23,8 +23,8 @@ def write_jsonl(path, records):
 
 
 def write_meta(path, datasets, root=""):
-    """InternVL meta json (data.read_meta): {name: jsonl path}; annotations are written relative to the meta's
-    folder (data.py resolves them from there), `length` is documentation only, as upstream."""
+    """InternVL meta json (formats.read_meta): {name: jsonl path}; annotations are written relative to the meta's
+    folder (formats.py resolves them from there), `length` is documentation only, as upstream."""
     base = os.path.dirname(os.path.abspath(path))
     meta = {name: dict(root=root, annotation=os.path.relpath(os.path.abspath(jl), base), data_augment=False,
                        repeat_time=1, length=str(sum(1 for _ in open(jl, encoding="utf-8"))))
