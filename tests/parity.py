@@ -1,4 +1,4 @@
-"""Parity checker for golden fixture folders (the format of ../shared/fixtures: config.json, model.safetensors,
+"""Parity checker for golden fixture folders (the format of tests/fixtures/*_tiny: config.json, model.safetensors,
 cases.safetensors, CASES.md).
 
     python tests/parity.py FOLDER [FOLDER ...]
@@ -24,7 +24,6 @@ TOL = 1e-4
 INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "greedy_prompt", "long_input_ids"}
 
 
-
 def pad(seqs, side, pad_id=0):
     """Token lists -> (ids, attention mask), (B, T), padded on the left or the right (the live tests' batches)."""
     T = max(len(s) for s in seqs)
@@ -36,10 +35,13 @@ def pad(seqs, side, pad_id=0):
         mask[b, sl] = 1
     return ids, mask
 
+
 def rel_err(ours, ref, where=None):
+    """The max relative error every parity check states: max |ours - ref| / max |ref|, in float32, over the positions
+    where the mask `where` (bool or 0/1, e.g. an attention mask) is set, or over all positions."""
     ours, ref = ours.float(), ref.float()
     if where is not None:
-        ours, ref = ours[where], ref[where]
+        ours, ref = ours[where.bool()], ref[where.bool()]
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 

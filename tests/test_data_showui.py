@@ -65,7 +65,7 @@ def element(name, x, y, w=0.1, h=0.1):
 
 
 def grounding_dir(tmp_path, records, size=(280, 168)):
-    """$_DATA_DIR/ShowUI-desktop/{images, metadata/hf_train.json} as TRAIN.md lays it out."""
+    """$_DATA_DIR/ShowUI-desktop/{images, metadata/hf_train.json}: the layout ShowUI's training code reads."""
     root = tmp_path / "ShowUI-desktop"
     os.makedirs(root / "images", exist_ok=True)
     for r in records:

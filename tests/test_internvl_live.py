@@ -23,9 +23,10 @@ from safetensors.torch import save_file
 
 import load
 import model
-from parity import pad
+from parity import pad, rel_err
 
 RTOL = 1e-4  # fp32: max |ours - ref| / max |ref| over the unpadded positions
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: single-threaded is faster
 PAD = 0
 NEW_TOKENS = 6
 TILES = [3, 1]  # tiles per sample (one image each)
@@ -215,12 +216,6 @@ def batch(case, side):
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
 
 
-def max_rel_err(ours, ref):
-    err = ((ours - ref).abs().max() / ref.abs().max()).item()
-    print(f"max rel err {err:.2e}")
-    return err
-
-
 @torch.no_grad()
 def native_logits(ref, ids, pixel_values):  # one unpadded sample
     return ref(input_ids=torch.tensor(ids)[None], pixel_values=pixel_values).logits[0].float()
@@ -237,16 +232,6 @@ def native_greedy(ref, ids, pixel_values, n=NEW_TOKENS):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with two threads, OpenMP synchronisation dominates, so the file runs single-threaded
-    and restores the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -297,7 +282,7 @@ def test_image_features(setup, impl, monkeypatch):
         ref = setup["ref"].model.get_image_features(pixel_values).pooler_output
         ours = setup["ours"].image_features(pixel_values)
     assert ours.shape == ref.shape == (sum(TILES), tokens_per_tile(setup["case"]), CASES[setup["case"]]["hidden"])
-    assert max_rel_err(ours, ref) <= RTOL
+    assert rel_err(ours, ref) <= RTOL
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -311,7 +296,7 @@ def test_logits(setup, side, impl, monkeypatch):
     assert ours.dtype == torch.float32 and ours.shape == (*inputs["input_ids"].shape, CASES[setup["case"]]["vocab"])
     mask = inputs["attention_mask"].bool()
     ours = torch.cat([ours[b][mask[b]] for b in range(len(TILES))])
-    assert max_rel_err(ours, torch.cat(setup["logits"])) <= RTOL
+    assert rel_err(ours, torch.cat(setup["logits"])) <= RTOL
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -348,6 +333,6 @@ def test_wqkv_kv_group_layout_is_exercised(setup):
             p = f"model.language_model.layers.{i}.self_attn."
             naive.language_model.model.layers[i].attention.wqkv.weight.copy_(
                 torch.cat([native[p + f"{n}_proj.weight"] for n in "qkv"]))
-    assert max_rel_err(logits(swapped), base) > 1e-2
-    assert max_rel_err(logits(both), base) <= 1e-5
-    assert max_rel_err(logits(naive), base) > 1e-2
+    assert rel_err(logits(swapped), base) > 1e-2
+    assert rel_err(logits(both), base) <= 1e-5
+    assert rel_err(logits(naive), base) > 1e-2

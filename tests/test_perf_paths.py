@@ -1,6 +1,6 @@
-"""Issue 8's speed and memory paths are exact: chunked fused head + cross-entropy equals the full-logits loss (value
-and gradients), and a packed micro-batch (one row, attention within each sample, positions per sample) gives every
-supervised token the loss it has in the padded batch."""
+"""The training engine's speed and memory paths are exact: chunked fused head + cross-entropy equals the full-logits
+loss (value and gradients), and a packed micro-batch (one row, attention within each sample, positions per sample)
+gives every supervised token the loss it has in the padded batch."""
 import os
 
 import pytest
@@ -11,14 +11,11 @@ from PIL import Image
 import data
 import load
 import model as M
+from parity import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 TOL = 1e-5  # fp32, relative to the largest magnitude
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
@@ -31,7 +28,7 @@ def test_chunked_ce_equals_full_logits_ce(chunk):
     gh_ref, gw_ref = torch.autograd.grad(ref * 0.37, (h, w))
     loss = M.chunked_ce(h[:, :-1].flatten(0, 1), w, labels[:, 1:].flatten(), chunk=chunk)
     gh, gw = torch.autograd.grad(loss * 0.37, (h, w))
-    assert rel(loss, ref) < TOL and rel(gh, gh_ref) < TOL and rel(gw, gw_ref) < TOL
+    assert rel_err(loss, ref) < TOL and rel_err(gh, gh_ref) < TOL and rel_err(gw, gw_ref) < TOL
 
 
 def test_chunked_ce_frozen_head_and_no_supervised_rows():
@@ -96,7 +93,7 @@ def test_return_loss_equals_logits_loss(case):
         ref = F.cross_entropy(m(ids, mask, labels=labels, **vision)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                               reduction="sum")
         loss = m(ids, mask, labels=labels, return_loss=True, **vision)
-    assert rel(loss, ref) < TOL
+    assert rel_err(loss, ref) < TOL
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -109,8 +106,8 @@ def test_packed_row_equals_padded_batch_per_token(case):
         assert kw["input_ids"].shape == (1, sum(len(r) for r in rows))
         got = token_losses(m(**kw), kw["labels"])
         loss = m(**kw, return_loss=True)
-    assert got.shape == ref.shape and rel(got, ref) < TOL
-    assert rel(loss, ref.sum()) < TOL
+    assert got.shape == ref.shape and rel_err(got, ref) < TOL
+    assert rel_err(loss, ref.sum()) < TOL
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -167,4 +164,4 @@ def test_packed_row_equals_padded_batch_cuda_flex():
         kw = m.pack(ids, mask, labels, **vision)
         assert not isinstance(M.doc_block_mask(kw["doc"]), torch.Tensor)
         ref, got = token_losses(m(ids, mask, labels=labels, **vision), labels), token_losses(m(**kw), kw["labels"])
-    assert rel(got, ref) < 1e-4  # fp32 FlexAttention kernel vs SDPA
+    assert rel_err(got, ref) < 1e-4  # fp32 FlexAttention kernel vs SDPA

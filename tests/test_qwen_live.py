@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 import data
 import load
 import model
-from parity import pad
+from parity import pad, rel_err
 
 RTOL = 1e-4  # fp32: max |ours - ref| / max |ref| over the unpadded positions
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: single-threaded is faster
 ARCHS = ["qwen2_vl", "qwen2_5_vl"]
 LAYOUTS = ["flat", "nested", "sharded"]
 PAD, EOS, IMAGE, VIDEO, VISION_START, VISION_END = 0, 2, 290, 291, 292, 293
@@ -112,16 +113,6 @@ def write_sharded(src, dst):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with two threads, OpenMP synchronisation dominates (and explodes when another process
-    holds a core), so the file runs single-threaded and restores the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def setup(request, tmp_path_factory):
     """The transformers model, its folders in the three layouts and our model loaded from each."""
@@ -188,14 +179,6 @@ def hf_kwargs(inputs):  # transformers 5.x wants the token types (0 text, 1 imag
 # helpers
 
 
-def max_rel_err(ours, ref, where=None):
-    if where is not None:
-        ours, ref = ours[where.bool()], ref[where.bool()]
-    err = ((ours - ref).abs().max() / ref.abs().max()).item()
-    print(f"max rel err {err:.2e}")
-    return err
-
-
 @torch.no_grad()
 def hf_logits(ref, inputs):
     return ref(**hf_kwargs(inputs)).logits.float()
@@ -252,7 +235,7 @@ def test_image_features(setup, impl, monkeypatch):
         ref = torch.cat(setup["ref"].model.get_image_features(pixel_values, grid).pooler_output)
         ours = setup["ours"]["flat"].image_features(pixel_values, grid)
     assert ours.shape == ref.shape == (int(grid.prod(-1).sum()) // 4, 96)
-    assert max_rel_err(ours, ref) <= RTOL
+    assert rel_err(ours, ref) <= RTOL
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -265,7 +248,7 @@ def test_logits(setup, layout, side, impl, monkeypatch):
     with torch.no_grad():
         ours = setup["ours"][layout](**inputs)
     assert ours.dtype == torch.float32 and ours.shape == ref.shape == (*inputs["input_ids"].shape, VOCAB)
-    assert max_rel_err(ours, ref, inputs["attention_mask"]) <= RTOL
+    assert rel_err(ours, ref, inputs["attention_mask"]) <= RTOL
 
 
 def test_padding_does_not_change_logits(setup):
@@ -277,7 +260,7 @@ def test_padding_does_not_change_logits(setup):
         for b, (s, which) in enumerate(rows):
             pv, thw = image_inputs(pixel_values, grid, which)
             alone = ours(torch.tensor(s)[None], None, pixel_values=pv, image_grid_thw=thw)[0]
-            assert max_rel_err(padded[b, -len(s):], alone) <= RTOL
+            assert rel_err(padded[b, -len(s):], alone) <= RTOL
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "math"])

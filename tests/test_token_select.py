@@ -1,7 +1,7 @@
-"""ShowUI's UI-guided visual token selection (showui_tongui.md B.1-B.2) against plain-loop references written here:
-the UI graph (union-find from scratch over merged 28x28 blocks), the keep rule, the lm_skip_layer parser, and whole
-forwards where each selecting layer runs on its kept subsequence through the layer's own submodules. With selection
-off the model is the plain model, bit for bit."""
+"""ShowUI's UI-guided visual token selection against plain-loop references written here: the UI graph (union-find
+from scratch over merged 28x28 blocks), the keep rule, the lm_skip_layer parser, and whole forwards where each
+selecting layer runs on its kept subsequence through the layer's own submodules. With selection off the model is the
+plain model, bit for bit."""
 import math
 import os
 import re

@@ -21,6 +21,7 @@ import lora
 import merge
 import model as M
 import train
+from parity import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -34,16 +35,8 @@ DIST_TOL = 1e-5  # fp32: torchrun (2 ranks) vs one process
 RESUME_TOL = 0.0  # same process layout, same RNG states: bit-exact
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: with two threads OpenMP synchronisation dominates and stalls for seconds when another process
-    holds a core, so the in-process runs are single-threaded (as torchrun's ranks are). train.main turns on
-    flushing of denormals for the whole process: back to torch's default afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    torch.set_flush_denormal(False)
+# the in-process runs are single-threaded, as torchrun's ranks are; train.main turns on flushing of denormals
+pytestmark = pytest.mark.usefixtures("one_thread", "default_denormals")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -55,13 +48,9 @@ def adapters(m):
     return {k: v for k, v in m.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def max_rel_state(a, b):
     assert set(a) == set(b)
-    return max(rel(a[k], b[k]) for k in a)
+    return max(rel_err(a[k], b[k]) for k in a)
 
 
 def write_dataset(folder, n=24):
@@ -170,10 +159,10 @@ def test_lora_merged_logits_equal_unmerged(family):
     randomise_lora_b(m)
     inputs = batch(m)
     unmerged = logits(m, inputs)
-    assert rel(unmerged, logits(base, inputs)) > 1e-2  # the adapters matter
+    assert rel_err(unmerged, logits(base, inputs)) > 1e-2  # the adapters matter
     lora.merge(m)
     assert not lora.lora_layers(m)
-    assert rel(logits(m, inputs), unmerged) <= MERGE_TOL
+    assert rel_err(logits(m, inputs), unmerged) <= MERGE_TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -234,7 +223,7 @@ def test_distributed_trainable_weights_equal_single_process(single, distributed)
     # one thread per process on both sides: with two in the single process, matmul rounding (1e-7) reaches the gate's
     # key biases, whose true gradient is zero (softmax is shift-invariant), and AdamW scales it to 2e-5 there
     for k in ref:
-        assert rel(got[k], ref[k]) <= DIST_TOL, k
+        assert rel_err(got[k], ref[k]) <= DIST_TOL, k
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -337,8 +326,8 @@ def test_merged_qwen_loads_in_transformers_with_our_unmerged_logits(qwen_merged)
         want = ours(ids, **vision)
         base = load.load_model(fixture("qwen2_vl_tiny"), dtype=torch.float32)(ids, **vision)
     assert int((ids == ours.cfg.image_token_id).sum()) > 0
-    assert rel(want, base) > 1e-2  # the adapters matter
-    assert rel(got, want) <= 1e-4
+    assert rel_err(want, base) > 1e-2  # the adapters matter
+    assert rel_err(got, want) <= 1e-4
 
 
 def test_merged_qwen_has_the_official_flat_layout(qwen_merged):
