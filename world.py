@@ -237,8 +237,9 @@ def build(out, n_train=600, n_eval=100, seed=0):
     return metas
 
 
+# InternVL2's tokens (no <EXTRA_IMG_CONTEXT>: stage 1 adds it)
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>",
-           "</quad>", "<ref>", "</ref>", "<box>", "</box>"]  # InternVL2's tokens (no <EXTRA_IMG_CONTEXT>: stage 1 adds it)
+           "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 
 
 def write_tiny_model(folder, texts, vit=(64, 2, 2, 128), llm=(128, 4, 4, 2, 344), seed=0):

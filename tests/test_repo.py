@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # its own only where it would otherwise grow past what a reader holds, ~15-20% above its expected size. A module
 # without an entry is held by the total alone.
 TOTAL_BUDGET = 4000
-BUDGET = {"model.py": 1000, "data.py": 350, "formats.py": 410, "load.py": 285, "scorers.py": 245, "eval.py": 225,
-          "train.py": 460}
+BUDGET = {"model.py": 1000, "formats.py": 500, "train.py": 480, "load.py": 380, "scorers.py": 320, "data.py": 300,
+          "eval.py": 200}
 MAX_COLS = 120
 RUNTIME_LIBS = {"torch", "safetensors", "tokenizers", "PIL", "numpy", "tqdm", "huggingface_hub"}
 # model.py is tensors only: torch, stdlib that does no I/O, and the leaf modules it wires in. Everything that reads a
