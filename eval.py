@@ -115,7 +115,8 @@ def evaluate(m, tok, a):
             if a.shuffled_images:
                 r["shuffled_images"] = scorers.score(kind, preds["prediction_shuffled_images"], golds)
             r["majority_baseline"] = baseline
-    json.dump(summary, open(os.path.join(a.out, "summary.json"), "w"), indent=1)
+    with open(os.path.join(a.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     return summary
 
 

@@ -84,7 +84,8 @@ def write(m, out, base_folder, run, shard_bytes):
         save_file(part, os.path.join(tmp, name), metadata={"format": "pt"})
     index = {"metadata": {"total_size": sum(t.nbytes for p in shards for t in p.values())},
              "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
-    json.dump(index, open(os.path.join(tmp, "model.safetensors.index.json"), "w"), indent=2)
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
     for f in glob.glob(os.path.join(base_folder, "*")):  # config, tokenizer, generation config, remote code
         if not f.endswith((".safetensors", ".safetensors.index.json", ".bin")) and os.path.isfile(f):
             shutil.copy(f, tmp)
@@ -118,7 +119,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--shard-gb", type=float, default=5.0)
     a = p.parse_args(argv)
-    run_cfg = {**json.load(open(os.path.join(a.run, "config.json"))), "out": a.run}  # the run may have moved
+    with open(os.path.join(a.run, "config.json")) as f:
+        run_cfg = {**json.load(f), "out": a.run}  # the run may have moved
     ckpt = a.checkpoint or max(glob.glob(os.path.join(a.run, "checkpoints", "step_*[0-9]")), default=None)
     if not ckpt:
         raise FileNotFoundError(f"{a.run}: no checkpoint to merge")

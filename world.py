@@ -221,7 +221,8 @@ def build(out, n_train=600, n_eval=100, seed=0):
                      point=[(e["box"][0] + e["box"][2]) / 2000, (e["box"][1] + e["box"][3]) / 2000])
                 for e in els if e["type"] in ("button", "icon", "text")]))
         os.makedirs(os.path.join(out, "showui"), exist_ok=True)
-        json.dump(showui, open(os.path.join(out, "showui", f"{split}.json"), "w"))
+        with open(os.path.join(out, "showui", f"{split}.json"), "w") as f:
+            json.dump(showui, f)
     for (split, task), items in rows.items():
         with open(os.path.join(out, f"{split}_{task}.jsonl"), "w") as f:
             f.writelines(json.dumps(dict(it, id=k)) + "\n" for k, it in enumerate(items))
@@ -233,7 +234,8 @@ def build(out, n_train=600, n_eval=100, seed=0):
         meta = {t: dict(root=out, annotation=os.path.join(out, f"{split}_{t}.jsonl"), data_augment=False,
                         repeat_time=1, length=str(len(rows[(split, t)]))) for t in tasks}
         metas[stage] = os.path.join(out, f"meta_{stage}.json")
-        json.dump(meta, open(metas[stage], "w"), indent=1)
+        with open(metas[stage], "w") as f:
+            json.dump(meta, f, indent=1)
     return metas
 
 
@@ -270,7 +272,8 @@ def write_tiny_model(folder, texts, vit=(64, 2, 2, 128), llm=(128, 4, 4, 2, 344)
                                num_key_value_heads=kv, max_position_embeddings=2048, rms_norm_eps=1e-5, bias=False,
                                rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                                tie_word_embeddings=False))
-    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"), indent=1)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
     with torch.device("meta"):  # built from the same config a loader reads, then every tensor drawn at random
         m = model.InternVL(load.config_from_hf(cfg))
     g = torch.Generator().manual_seed(seed)
