@@ -772,7 +772,7 @@ class VLM(nn.Module):
             raise ValueError("pack: MP-GUI's fusion gate reads the whole row's prompt; pack only its perceiver stages")
         pos, _ = self.positions(input_ids, attention_mask, **vision)
         valid = attention_mask.bool()
-        if bool((input_ids[~valid] == self.cfg.image_token_id).any()):  # train.py's blank FSDP image
+        if bool((input_ids[~valid] == self.cfg.image_token_id).any()):  # train.vision_inputs' blank FSDP image
             raise ValueError("pack: image tokens in padding (a text-only Qwen micro-batch under FSDP) cannot be packed")
         n = valid.sum(1)  # (B,) real tokens per sample
         first = torch.arange(labels.shape[1], device=labels.device) == valid.int().argmax(1, keepdim=True)  # (B, T)

@@ -10,6 +10,7 @@ run resumes from its latest checkpoint by itself. `python merge.py RUN OUT` fold
 """
 import ast
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -37,40 +38,14 @@ import model
 
 @dataclass
 class TrainConfig:
+    # run: where it starts, what it reads, where it writes
     base: str = ""  # starting checkpoint: folder or hub id (a stage's base is the previous stage's merge)
-    meta: str = ""  # InternVL meta json: {name: {root, annotation, repeat_time, data_augment, max_dynamic_patch}}
     # what the data is: internvl | vlaser (InternVL / MP-GUI: meta; vlaser adds the point prefix to <point> samples) |
     # showui_grounding | showui_navigation | llamafactory (Qwen2-VL / Qwen2.5-VL: data_dir + datasets)
     data_format: str = "internvl"
-    data_dir: str = ""  # ShowUI: $_DATA_DIR (ShowUI-desktop/, GUI_Course/GUIAct/, ...); llamafactory: its dataset_dir
-    datasets: list = field(default_factory=list)  # ShowUI: "name:json" pairs; llamafactory: dataset_info.json names
-    media_dir: str = ""  # llamafactory: where relative image paths are found first ("" = data_dir)
-    max_samples: int = 0  # llamafactory: the first records kept per dataset (0 = all)
-    min_pixels: int = 256 * 28 * 28  # Qwen image area bounds of smart_resize (ShowUI: min/max_visual_tokens * 28^2)
-    max_pixels: int = 1344 * 28 * 28
-    image_max_pixels: int = 0  # llamafactory: shrink each image to this area before smart_resize (0 = off)
-    num_turn: int = 1  # ShowUI: grounding queries per screenshot; > 1 also makes vtvt history actions targets
-    crop_min: float = 1.0  # ShowUI grounding: crop / pad scale range per side (1 and 1 = off)
-    crop_max: float = 1.0
-    xy_int: bool = False  # ShowUI grounding: answers as 0-1000 integers instead of 2-decimal 0-1 floats
-    num_history: int = 4  # ShowUI navigation: past actions in the prompt
-    interleaved_history: str = "tttt"  # ShowUI navigation: tttt (actions as text) | vtvt ([screenshot, action] pairs)
-    lm_skip_layer: str = "[1,28,0]"  # ShowUI UI-guided token selection, copied into the model config (model.py)
-    lm_skip_ratio: float = 0.0
-    lm_skip_rand: bool = False
-    uigraph_threshold: float = 1.0
     out: str = "runs/run"  # run folder
-    mpgui: bool = False  # build MP-GUI (perceivers + gate) on the base, initialising the parts it lacks
-    mpgui_mode: str = "fusion"  # what fills EXTRA tokens: textual | graphical | spatial | fusion
-    gate_mask: str = "prompt_only"  # fusion-gate keys: prompt_only | official (answers leak in, as released)
-    init_parts: list = field(default_factory=list)  # MP-GUI parts re-initialised at this stage's start
-    train_parts: list = field(default_factory=list)  # module names trained in full (e.g. textual_perceiver)
-    lora_llm_r: int = 0  # LoRA rank on the language model (0 = none)
-    lora_llm_alpha: int = 0
-    lora_vit_r: int = 0  # LoRA rank on the vision tower (0 = none)
-    lora_vit_alpha: int = 0
-    lora_dropout: float = 0.05
-    lora_targets: list = field(default_factory=list)  # module-name suffixes in both scopes ([] = the family's defaults)
+    resume: str = ""  # a checkpoint folder to resume from ("" = the run's latest, if any)
+    # engine: optimizer and schedule, batches, precision, data loading, logging, checkpoints
     lr: float = 1e-5  # peak learning rate of the LoRA adapters
     lr_parts: float = 0.0  # peak learning rate of train_parts (0 = lr)
     weight_decay: float = 0.01  # on every trainable tensor, as the official DeepSpeed optimizer does
@@ -83,7 +58,6 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: int = 0  # stop after this many optimizer steps (0 = the epochs decide)
     max_length: int = 4096  # longer samples are skipped and counted, never truncated
-    max_tiles: int = 6  # InternVL tiles per image (+ thumbnail); a dataset's max_dynamic_patch overrides it
     drop_path: float = 0.1  # ViT stochastic depth (the official runs keep 0.1 on the frozen ViT)
     bf16: bool = True  # bf16 compute (fp32 master weights, fp32 gradient reduction)
     activation_checkpointing: bool = True
@@ -94,8 +68,44 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
-    resume: str = ""  # a checkpoint folder to resume from ("" = the run's latest, if any)
     dist_timeout_min: int = 30
+    # LoRA, and the modules trained in full
+    lora_llm_r: int = 0  # LoRA rank on the language model (0 = none)
+    lora_llm_alpha: int = 0
+    lora_vit_r: int = 0  # LoRA rank on the vision tower (0 = none)
+    lora_vit_alpha: int = 0
+    lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=list)  # module-name suffixes in both scopes ([] = the family's defaults)
+    train_parts: list = field(default_factory=list)  # module names trained in full (e.g. textual_perceiver)
+    # MP-GUI
+    mpgui: bool = False  # build MP-GUI (perceivers + gate) on the base, initialising the parts it lacks
+    mpgui_mode: str = "fusion"  # what fills EXTRA tokens: textual | graphical | spatial | fusion
+    gate_mask: str = "prompt_only"  # fusion-gate keys: prompt_only | official (answers leak in, as released)
+    init_parts: list = field(default_factory=list)  # MP-GUI parts re-initialised at this stage's start
+    # InternVL data (internvl, vlaser)
+    meta: str = ""  # InternVL meta json: {name: {root, annotation, repeat_time, data_augment, max_dynamic_patch}}
+    max_tiles: int = 6  # InternVL tiles per image (+ thumbnail); a dataset's max_dynamic_patch overrides it
+    # Qwen data (ShowUI and LLaMA-Factory)
+    data_dir: str = ""  # ShowUI: $_DATA_DIR (ShowUI-desktop/, GUI_Course/GUIAct/, ...); llamafactory: its dataset_dir
+    datasets: list = field(default_factory=list)  # ShowUI: "name:json" pairs; llamafactory: dataset_info.json names
+    min_pixels: int = 256 * 28 * 28  # Qwen image area bounds of smart_resize (ShowUI: min/max_visual_tokens * 28^2)
+    max_pixels: int = 1344 * 28 * 28
+    # ShowUI data
+    num_turn: int = 1  # grounding queries per screenshot; > 1 also makes vtvt history actions targets
+    crop_min: float = 1.0  # grounding: crop / pad scale range per side (1 and 1 = off)
+    crop_max: float = 1.0
+    xy_int: bool = False  # grounding: answers as 0-1000 integers instead of 2-decimal 0-1 floats
+    num_history: int = 4  # navigation: past actions in the prompt
+    interleaved_history: str = "tttt"  # navigation: tttt (actions as text) | vtvt ([screenshot, action] pairs)
+    # LLaMA-Factory data
+    media_dir: str = ""  # where relative image paths are found first ("" = data_dir)
+    max_samples: int = 0  # the first records kept per dataset (0 = all)
+    image_max_pixels: int = 0  # shrink each image to this area before smart_resize (0 = off)
+    # token selection: ShowUI's UI-guided selection, copied into the model config (model.py)
+    lm_skip_layer: str = "[1,28,0]"
+    lm_skip_ratio: float = 0.0
+    lm_skip_rand: bool = False
+    uigraph_threshold: float = 1.0
 
 
 def load_config(path, overrides=()):
@@ -117,11 +127,11 @@ def load_config(path, overrides=()):
         try:
             v = v if isinstance(default, str) else ast.literal_eval(v)  # a string field takes the text as it is
         except (ValueError, SyntaxError):
-            pass  # a plain string
-        if isinstance(default, bool) or not isinstance(v, type(default)) and not (
-                isinstance(default, float) and isinstance(v, int)):
-            if not (isinstance(default, bool) and isinstance(v, bool)):
-                raise TypeError(f"override {o!r}: expected {type(default).__name__}")
+            pass  # not a Python literal: stays text, which only a string field takes
+        # a float field takes an int too; any other field its default's type, so a bool field only True / False
+        expected = (float, int) if isinstance(default, float) else type(default)
+        if not isinstance(v, expected):
+            raise TypeError(f"override {o!r}: expected {type(default).__name__}")
         setattr(cfg, k, v)
     return cfg
 
@@ -190,17 +200,25 @@ def build_dataset(cfg, tok, mc):
                                         cfg.max_samples)
 
 
-def qwen_batch(b, mc, distributed):
-    """Under FSDP every rank runs every unit in every micro-batch: a text-only Qwen micro-batch gets a blank 4-token
-    image in an extra padding column of its first sample, masked out of attention and loss."""
-    if b["pixel_values"] is not None or not distributed:
-        return b
-    B, g = b["input_ids"].shape[0], 2 * mc.vit_merge  # a (1, g, g) patch grid = 4 merged tokens
-    col = torch.full((B, 4), mc.pad_token_id)
-    col[0] = mc.image_token_id
-    return dict(b, input_ids=torch.cat([b["input_ids"], col], 1), labels=torch.cat([b["labels"], col * 0 - 100], 1),
-                attention_mask=torch.cat([b["attention_mask"], col * 0], 1), image_grid_thw=torch.tensor([[1, g, g]]),
-                pixel_values=torch.zeros(g * g, 3 * mc.vit_temporal_patch * mc.vit_patch ** 2))
+def vision_inputs(b, m, distributed, device):
+    """(b, model m's vision kwargs on device). Under FSDP every rank runs every FSDP unit in every micro-batch (their
+    all-gathers and reduce-scatters are collectives all ranks join), so a micro-batch without images still feeds the
+    vision tower. InternVL / MP-GUI: zero tiles, a (0, 3, S, S) tensor (in one process too: one path). Qwen, under
+    FSDP only: a blank image, its tokens in extra padding columns of b (image tokens in the first row, padding in the
+    others), masked out of attention and loss."""
+    if m.cfg.is_internvl:
+        px = b["pixel_values"]
+        px = px if px is not None else torch.zeros(0, 3, m.cfg.vit_image_size, m.cfg.vit_image_size)
+        return b, {"pixel_values": px.to(device)}
+    mc = m.cfg
+    if b["pixel_values"] is None and distributed:
+        g = 2 * mc.vit_merge  # a (1, 2m, 2m) patch grid, which the merger's m x m merge turns into 2 x 2 = 4 tokens
+        col = torch.full((b["input_ids"].shape[0], (g // mc.vit_merge) ** 2), mc.pad_token_id)
+        col[0] = mc.image_token_id
+        b = dict(b, input_ids=torch.cat([b["input_ids"], col], 1), labels=torch.cat([b["labels"], col * 0 - 100], 1),
+                 attention_mask=torch.cat([b["attention_mask"], col * 0], 1), image_grid_thw=torch.tensor([[1, g, g]]),
+                 pixel_values=torch.zeros(g * g, 3 * mc.vit_temporal_patch * mc.vit_patch ** 2))
+    return b, {k: b[k].to(device) for k in ("pixel_values", "image_grid_thw") if b[k] is not None}
 
 
 def shard(m, cfg, device):
@@ -222,6 +240,7 @@ def flops_per_token(m, cfg):
     trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad) - m.cfg.vocab_size * m.cfg.hidden_size
     recompute = 2 * (trained + frozen) if cfg.activation_checkpointing else 0
+    # attention's seq: max_length / 2, the mean causal span of a max_length sequence (an upper-bound estimate)
     return 6 * trained + 4 * frozen + recompute + 12 * m.cfg.num_layers * m.cfg.hidden_size * cfg.max_length // 2
 
 
@@ -278,51 +297,12 @@ def load_checkpoint(path, m, opt, sched, rank):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def lr_lambda(cfg, total):
-    warm = math.ceil(cfg.warmup_ratio * total)
-
-    def f(step):  # step counts optimizer steps taken so far
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(total - warm, 1)
-        return max(0.0, 1 - t) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return f
-
-
-def step_order(n, cfg, lengths, epoch):
-    """The global order of sample indices for one epoch: seeded; length-grouped within megabatches."""
-    if cfg.group_by_length:
-        return data.length_grouped_indices(lengths, cfg.global_batch, cfg.seed + epoch)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-
-
-def loader(ds, cfg, world, rank, accum, pad, position):
-    """Yields (global sample position after the step, this rank's `accum` collated micro-batches), step after step,
-    from `position` on. Each global batch is a slice of the epoch's order; rank r takes micro-batches r, r + world,
-    ...; an epoch's ragged tail is dropped so every step sees a full batch. Workers prepare batches ahead."""
-    n, mb, gb = len(ds), cfg.micro_batch, cfg.global_batch
-    while True:
-        epoch, start = divmod(position, n)
-        order = step_order(n, cfg, ds.lengths, epoch)
-        plan = [(epoch * n + s + gb, order[s + (a * world + rank) * mb:s + (a * world + rank + 1) * mb])
-                for s in range(start, n - gb + 1, gb) for a in range(accum)]
-        if plan:
-            it = iter(torch.utils.data.DataLoader(  # its own generator: the global RNG (dropout) stays untouched
-                ds, batch_sampler=[idx for _, idx in plan], num_workers=cfg.num_workers,
-                collate_fn=functools.partial(data.collate, pad_id=pad), generator=torch.Generator().manual_seed(epoch)))
-            for k in range(accum - 1, len(plan), accum):
-                yield plan[k][0], [next(it) for _ in range(accum)]
-        position = (epoch + 1) * n
-
-
-def main(argv):
-    if not argv:
-        sys.exit(__doc__)
-    cfg = load_config(argv[0], argv[1:])
+def init_distributed(cfg):
+    """(rank, world, device) of this process: under torchrun (RANK set) one of a process group, on its LOCAL_RANK's
+    GPU. Seeds the model's initial draws and checks that global_batch splits into micro-batches over the world."""
     distributed = "RANK" in os.environ
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        import datetime
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -334,80 +314,153 @@ def main(argv):
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "
                          f"({cfg.micro_batch} x {world})")
-    accum = cfg.global_batch // (cfg.micro_batch * world)
+    return rank, world, device
 
+
+def print_skipped(skipped):
+    """One line per skipped sample (file, line, reason); line: a jsonl line (from 1) or a JSON record (from 0)."""
+    for file, line, reason in skipped:
+        print(f"skip {file}:{line}: {reason}")
+
+
+def lr_lambda(cfg, total):
+    """LambdaLR's factor: linear warmup over warmup_ratio of the steps, then linear or cosine decay to 0."""
+    warm = math.ceil(cfg.warmup_ratio * total)
+
+    def f(step):  # step counts optimizer steps taken so far
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(total - warm, 1)
+        return max(0.0, 1 - t) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def make_optimizer(m, params, cfg, total, device):
+    """AdamW with the LoRA adapters at lr and the parts trained in full at lr_parts (0 = lr), and its schedule."""
+    names = {id(p): n for n, p in m.named_parameters()}
+    lora_p = [p for p in params if names[id(p)].endswith(("lora_A", "lora_B"))]
+    part_p = [p for p in params if not names[id(p)].endswith(("lora_A", "lora_B"))]
+    groups = [dict(params=lora_p, lr=cfg.lr), dict(params=part_p, lr=cfg.lr_parts or cfg.lr)]
+    groups = [g for g in groups if g["params"]]  # adapters only, or parts only: one group
+    opt = torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
+                            foreach=device.type == "cuda")
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
+
+
+def resume_run(cfg, m, opt, sched, rank):
+    """(step, data position) of cfg.resume or else the run's latest checkpoint, if any; metrics.jsonl is cut back."""
+    ckpt = cfg.resume or latest_checkpoint(cfg.out)
+    if not ckpt:
+        return 0, 0
+    step, position = load_checkpoint(ckpt, m, opt, sched, rank)
+    if rank == 0:
+        print(f"resumed from {ckpt}: step {step}, sample {position}")
+        path = os.path.join(cfg.out, "metrics.jsonl")  # the steps after the checkpoint are run (and logged) again
+        kept = [line for line in open(path) if json.loads(line)["step"] <= step] if os.path.exists(path) else []
+        open(path, "w").writelines(kept)
+    return step, position
+
+
+def step_order(n, cfg, lengths, epoch):
+    """The global order of sample indices for one epoch: seeded; length-grouped within megabatches."""
+    if cfg.group_by_length:
+        return data.length_grouped_indices(lengths, cfg.global_batch, cfg.seed + epoch)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+
+
+def rank_slice(order, start, micro_index, world, rank, mb):
+    """This rank's micro_index-th micro-batch of the global batch at order[start:]. Of its world x accum micro-batches
+    of mb, rank r's a-th is number a * world + r: each accumulation step, the ranks together read world x mb on."""
+    k = micro_index * world + rank
+    return order[start + k * mb:start + (k + 1) * mb]
+
+
+def loader(ds, cfg, world, rank, accum, pad, position):
+    """Yields (global sample position after the step, this rank's `accum` collated micro-batches), step after step,
+    from `position` on. Each global batch is a slice of the epoch's order, dealt out by rank_slice; an epoch's ragged
+    tail is dropped so every step sees a full batch. Workers prepare batches ahead."""
+    n, mb, gb = len(ds), cfg.micro_batch, cfg.global_batch
+    while True:
+        epoch, start = divmod(position, n)
+        order = step_order(n, cfg, ds.lengths, epoch)
+        plan = [(epoch * n + s + gb, rank_slice(order, s, a, world, rank, mb))
+                for s in range(start, n - gb + 1, gb) for a in range(accum)]
+        if plan:
+            it = iter(torch.utils.data.DataLoader(  # its own generator: the global RNG (dropout) stays untouched
+                ds, batch_sampler=[idx for _, idx in plan], num_workers=cfg.num_workers,
+                collate_fn=functools.partial(data.collate, pad_id=pad), generator=torch.Generator().manual_seed(epoch)))
+            for k in range(accum - 1, len(plan), accum):
+                yield plan[k][0], [next(it) for _ in range(accum)]
+        position = (epoch + 1) * n
+
+
+def step_record(step, loss, lr, norm, micro, t0, t_data, world, fpt, peak, device):
+    """A step's metrics.jsonl record; t0: when the step began. Tokens (padding excluded) count all ranks'."""
+    dt = time.time() - t0
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["input_ids"] is not None) * world
+    return dict(step=step, loss=loss, lr=lr, grad_norm=float(norm), tokens=tokens, data_wait_s=t_data,
+                tok_per_s=tokens / dt, mfu=fpt * tokens / dt / (peak * world) if peak else None,
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                skipped=sum(len(b["skipped"]) for b in micro))
+
+
+def main(argv):
+    if not argv:
+        sys.exit(__doc__)
+    cfg = load_config(argv[0], argv[1:])
+    rank, world, device = init_distributed(cfg)
+    distributed = dist.is_initialized()
+    accum = cfg.global_batch // (cfg.micro_batch * world)  # micro-batches per rank and optimizer step
     folder = load.resolve(cfg.base)
     tok = load.load_tokenizer(folder)
     m = build_model(cfg, tok, device)
-    random.seed(cfg.seed + rank), np.random.seed(cfg.seed + rank), torch.manual_seed(cfg.seed + rank)  # dropout
+    random.seed(cfg.seed + rank)  # dropout and drop-path: each rank its own draws
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
     if rank == 0:  # the resolved config and the tokenizer as trained (with any added token) live in the run
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
         tok.save(os.path.join(cfg.out, "tokenizer.json"))
         print(json.dumps(dataclasses.asdict(cfg)))
-    internvl = m.cfg.is_internvl
     ds = build_dataset(cfg, tok, m.cfg)
-    for file, line, reason in ds.skipped if rank == 0 else []:  # line: jsonl line (from 1) or JSON record (from 0)
-        print(f"skip {file}:{line}: {reason}")
+    if rank == 0:
+        print_skipped(ds.skipped)
     if len(ds) < cfg.global_batch:
         raise ValueError(f"{len(ds)} usable samples ({len(ds.skipped)} skipped), fewer than global_batch "
                          f"{cfg.global_batch}")
-    pad = m.cfg.pad_token_id
     steps_per_epoch = len(ds) // cfg.global_batch
     total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
-    params = [p for p in m.parameters() if p.requires_grad]
     if distributed:
         m = shard(m, cfg, device)
-        params = [p for p in m.parameters() if p.requires_grad]
-    names = {id(p): n for n, p in m.named_parameters()}
-    lora_p = [p for p in params if names[id(p)].endswith(("lora_A", "lora_B"))]
-    part_p = [p for p in params if not names[id(p)].endswith(("lora_A", "lora_B"))]
-    groups = [g for g in (dict(params=lora_p, lr=cfg.lr), dict(params=part_p, lr=cfg.lr_parts or cfg.lr)) if g["params"]]
-    opt = torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
-                            foreach=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    step, position = 0, 0
-    ckpt = cfg.resume or latest_checkpoint(cfg.out)
-    if ckpt:
-        step, position = load_checkpoint(ckpt, m, opt, sched, rank)
-        if rank == 0:
-            print(f"resumed from {ckpt}: step {step}, sample {position}")
-            path = os.path.join(cfg.out, "metrics.jsonl")  # the steps after the checkpoint are run again
-            kept = [l for l in open(path) if json.loads(l)["step"] <= step] if os.path.exists(path) else []
-            open(path, "w").writelines(kept)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(m, params, cfg, total, device)
+    step, position = resume_run(cfg, m, opt, sched, rank)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and not distributed)  # FSDP2 casts itself
     fpt = flops_per_token(m, cfg)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.out))
-    batches = loader(ds, cfg, world, rank, accum, pad, position)
+    batches = loader(ds, cfg, world, rank, accum, m.cfg.pad_token_id, position)
     m.train()
     while step < total:
         t0 = time.time()
         position, micro = next(batches)
         t_data = time.time() - t0
-        skipped = [s for b in micro for s in b["skipped"]]
-        n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"]
-                                       is not None)), device=device)
+        # the loss is the mean over the global batch's targets (labels but the first, not -100), all ranks' together
+        n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"] is not None)
+        n_tok = torch.tensor(float(n_tok), device=device)
         if distributed:
             dist.all_reduce(n_tok)
         loss_sum = torch.zeros((), device=device)
         for b in micro:
-            if b["input_ids"] is None:
+            if b["input_ids"] is None:  # every sample of this micro-batch was skipped
                 continue
-            b = b if internvl else qwen_batch(b, m.cfg, distributed)
-            ids, labels = b["input_ids"].to(device), b["labels"].to(device)
-            px = b["pixel_values"]  # zero tiles for a text-only batch: every rank still runs every FSDP unit
-            if internvl:
-                px = px if px is not None else torch.zeros(0, 3, m.cfg.vit_image_size, m.cfg.vit_image_size)
-                vision = {"pixel_values": px.to(device)}
-            else:  # Qwen: patch rows + their grids, or nothing for text only
-                vision = {k: b[k].to(device) for k in ("pixel_values", "image_grid_thw") if b[k] is not None}
-            kw = dict(input_ids=ids, attention_mask=b["attention_mask"].to(device), labels=labels, **vision)
+            b, vision = vision_inputs(b, m, distributed, device)
+            kw = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")} | vision
             kw = m.pack(**kw) if cfg.pack else kw
             with autocast:
-                if cfg.chunked_loss:
+                if cfg.chunked_loss:  # fused head + cross-entropy in row chunks
                     loss = m(**kw, return_loss=True)
                 else:
                     logits = m(**kw)
@@ -426,16 +479,9 @@ def main(argv):
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        dt = time.time() - t0
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["input_ids"] is not None) * world
-        rec = dict(step=step, loss=loss_val, lr=sched.get_last_lr()[0], grad_norm=float(norm), tokens=tokens,
-                   data_wait_s=t_data,
-                   tok_per_s=tokens / dt, mfu=fpt * tokens / dt / (peak * world) if peak else None,
-                   peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                   skipped=len(skipped))
+        rec = step_record(step, loss_val, sched.get_last_lr()[0], norm, micro, t0, t_data, world, fpt, peak, device)
         if rank == 0:
-            for file, line, reason in skipped:
-                print(f"skip {file}:{line}: {reason}")
+            print_skipped(s for b in micro for s in b["skipped"])
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if step % cfg.log_every == 0:

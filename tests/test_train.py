@@ -481,3 +481,38 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(meta, tmp_path,
         train.main(args)
     assert sorted(losses(out)) == [1]  # nothing non-finite logged
     assert train.latest_checkpoint(out) == checkpoint(out, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. config: what a --key=value override may be, by the field's type
+
+
+def config_file(folder, raw=None):
+    path = os.path.join(str(folder), "config.json")
+    with open(path, "w") as f:
+        json.dump({"_comment": "keys starting with _ document a config"} if raw is None else raw, f)
+    return path
+
+
+@pytest.mark.parametrize("override, value", [
+    ("--bf16=False", False), ("--lr=2e-4", 2e-4), ("--lr=1", 1), ("--max_steps=3", 3), ("--out=123", "123"),
+    ("--lm_skip_layer=[1,28,0]", "[1,28,0]"), ("--schedule=cosine", "cosine"),
+    ("--datasets=['a:b.json']", ["a:b.json"]), ("--betas=[0.9,0.95]", [0.9, 0.95])])
+def test_config_override_accepted(tmp_path, override, value):
+    """bool fields take bools; float fields floats or ints (kept as given); str fields the text as it is."""
+    got = getattr(train.load_config(config_file(tmp_path), [override]), override[2:].split("=")[0])
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override, error", [
+    ("--bf16=1", TypeError), ("--bf16=0", TypeError), ("--bf16=yes", TypeError), ("--lr=abc", TypeError),
+    ("--lr=[1]", TypeError), ("--max_steps=3.5", TypeError), ("--max_steps=x", TypeError), ("--datasets=a", TypeError),
+    ("--betas=(0.9,0.95)", TypeError), ("--nope=1", KeyError), ("lr=1", ValueError), ("--lr", ValueError)])
+def test_config_override_rejected(tmp_path, override, error):
+    with pytest.raises(error):
+        train.load_config(config_file(tmp_path), [override])
+
+
+def test_config_unknown_file_key_rejected(tmp_path):
+    with pytest.raises(KeyError, match="unknown config key 'nope'"):
+        train.load_config(config_file(tmp_path, {"nope": 1}))
