@@ -247,6 +247,13 @@ def flops_per_token(m, cfg):
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
 
 
+def peak_flops(device):
+    """This GPU's bf16 dense peak from PEAK_FLOPS; 0 on CPUs and unknown GPUs (no MFU)."""
+    if device.type != "cuda":
+        return 0
+    return next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), 0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # checkpoints: trainable weights + optimizer + scheduler + step + data position + RNG, atomic
 
@@ -317,10 +324,42 @@ def init_distributed(cfg):
     return rank, world, device
 
 
+def end_distributed(distributed):
+    """Undoes init_distributed: torch's default denormals again, and this process out of its group."""
+    torch.set_flush_denormal(False)
+    if distributed:
+        dist.destroy_process_group()
+
+
+def seed_all(seed):
+    """Seeds Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_run(cfg, tok):
+    """The run folder with the resolved config (also printed) and the tokenizer as trained (with any added token)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    tok.save(os.path.join(cfg.out, "tokenizer.json"))
+    print(json.dumps(dataclasses.asdict(cfg)))
+
+
 def print_skipped(skipped):
     """One line per skipped sample (file, line, reason); line: a jsonl line (from 1) or a JSON record (from 0)."""
     for file, line, reason in skipped:
         print(f"skip {file}:{line}: {reason}")
+
+
+def total_steps(cfg, ds):
+    """Optimizer steps of the run: max_steps, else `epochs` passes of full global batches (at least one)."""
+    if len(ds) < cfg.global_batch:
+        raise ValueError(f"{len(ds)} usable samples ({len(ds.skipped)} skipped), fewer than global_batch "
+                         f"{cfg.global_batch}")
+    steps_per_epoch = len(ds) // cfg.global_batch
+    return cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
 
 
 def lr_lambda(cfg, total):
@@ -394,6 +433,35 @@ def loader(ds, cfg, world, rank, accum, pad, position):
         position = (epoch + 1) * n
 
 
+def target_tokens(micro, device, distributed):
+    """The global batch's target tokens (labels but the first, not -100), all ranks': the loss is their mean."""
+    n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"]
+                                   is not None)), device=device)
+    if distributed:
+        dist.all_reduce(n_tok)
+    return n_tok
+
+
+def summed_loss(m, kw, chunked):
+    """A micro-batch's cross-entropy summed over its targets: fused head + loss in row chunks, or from full logits."""
+    if chunked:
+        return m(**kw, return_loss=True)
+    logits = m(**kw)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), kw["labels"][:, 1:].flatten(), reduction="sum")
+
+
+def global_loss(loss_sum, n_tok, distributed, step, run):
+    """The step's loss, the mean over all ranks' targets; a non-finite one stops the run, naming the last good
+    checkpoint."""
+    if distributed:
+        dist.all_reduce(loss_sum)
+    loss = (loss_sum / n_tok.clamp(min=1)).item()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}; the last good checkpoint is "
+                                 f"{latest_checkpoint(run)}")
+    return loss
+
+
 def step_record(step, loss, lr, norm, micro, t0, t_data, world, fpt, peak, device):
     """A step's metrics.jsonl record; t0: when the step began. Tokens (padding excluded) count all ranks'."""
     dt = time.time() - t0
@@ -402,6 +470,16 @@ def step_record(step, loss, lr, norm, micro, t0, t_data, world, fpt, peak, devic
                 tok_per_s=tokens / dt, mfu=fpt * tokens / dt / (peak * world) if peak else None,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                 skipped=sum(len(b["skipped"]) for b in micro))
+
+
+def report_step(rec, micro, log, bar, log_every):
+    """Rank 0: the step's skipped samples, its metrics.jsonl line (flushed), every log_every steps the bar's figures."""
+    print_skipped(s for b in micro for s in b["skipped"])
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    if rec["step"] % log_every == 0:
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
+                        **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
 
 
 def main(argv):
@@ -414,31 +492,20 @@ def main(argv):
     folder = load.resolve(cfg.base)
     tok = load.load_tokenizer(folder)
     m = build_model(cfg, tok, device)
-    random.seed(cfg.seed + rank)  # dropout and drop-path: each rank its own draws
-    np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed + rank)
-    if rank == 0:  # the resolved config and the tokenizer as trained (with any added token) live in the run
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-        tok.save(os.path.join(cfg.out, "tokenizer.json"))
-        print(json.dumps(dataclasses.asdict(cfg)))
+    seed_all(cfg.seed + rank)  # dropout and drop-path: each rank its own draws
+    if rank == 0:
+        write_run(cfg, tok)
     ds = build_dataset(cfg, tok, m.cfg)
     if rank == 0:
         print_skipped(ds.skipped)
-    if len(ds) < cfg.global_batch:
-        raise ValueError(f"{len(ds)} usable samples ({len(ds.skipped)} skipped), fewer than global_batch "
-                         f"{cfg.global_batch}")
-    steps_per_epoch = len(ds) // cfg.global_batch
-    total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
+    total = total_steps(cfg, ds)
     if distributed:
         m = shard(m, cfg, device)
     params = [p for p in m.parameters() if p.requires_grad]
     opt, sched = make_optimizer(m, params, cfg, total, device)
     step, position = resume_run(cfg, m, opt, sched, rank)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and not distributed)  # FSDP2 casts itself
-    fpt = flops_per_token(m, cfg)
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), 0)
+    fpt, peak = flops_per_token(m, cfg), peak_flops(device)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.out))
     batches = loader(ds, cfg, world, rank, accum, m.cfg.pad_token_id, position)
@@ -447,11 +514,7 @@ def main(argv):
         t0 = time.time()
         position, micro = next(batches)
         t_data = time.time() - t0
-        # the loss is the mean over the global batch's targets (labels but the first, not -100), all ranks' together
-        n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"] is not None)
-        n_tok = torch.tensor(float(n_tok), device=device)
-        if distributed:
-            dist.all_reduce(n_tok)
+        n_tok = target_tokens(micro, device, distributed)
         loss_sum = torch.zeros((), device=device)
         for b in micro:
             if b["input_ids"] is None:  # every sample of this micro-batch was skipped
@@ -460,20 +523,10 @@ def main(argv):
             kw = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")} | vision
             kw = m.pack(**kw) if cfg.pack else kw
             with autocast:
-                if cfg.chunked_loss:  # fused head + cross-entropy in row chunks
-                    loss = m(**kw, return_loss=True)
-                else:
-                    logits = m(**kw)
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), kw["labels"][:, 1:].flatten(),
-                                           reduction="sum")
+                loss = summed_loss(m, kw, cfg.chunked_loss)
             (loss / n_tok.clamp(min=1) * world).backward()  # FSDP averages over ranks: world * mean = global sum
             loss_sum += loss.detach()
-        if distributed:
-            dist.all_reduce(loss_sum)
-        loss_val = (loss_sum / n_tok.clamp(min=1)).item()
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"non-finite loss {loss_val} at step {step + 1}; the last good checkpoint is "
-                                     f"{latest_checkpoint(cfg.out)}")
+        loss_val = global_loss(loss_sum, n_tok, distributed, step, cfg.out)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))  # 0: off
         opt.step()
         sched.step()
@@ -481,21 +534,14 @@ def main(argv):
         step += 1
         rec = step_record(step, loss_val, sched.get_last_lr()[0], norm, micro, t0, t_data, world, fpt, peak, device)
         if rank == 0:
-            print_skipped(s for b in micro for s in b["skipped"])
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}",
-                                **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
+            report_step(rec, micro, log, bar, cfg.log_every)
         bar.update(1)
         if step == total or (cfg.save_every and step % cfg.save_every == 0):
             save_checkpoint(cfg.out, m, opt, sched, step, position, rank)
     bar.close()
     if log:
         log.close()
-    torch.set_flush_denormal(False)
-    if distributed:
-        dist.destroy_process_group()
+    end_distributed(distributed)
 
 
 if __name__ == "__main__":
