@@ -54,13 +54,16 @@ def _need(d, key, where):
     return d[key]
 
 
-def config_from_hf(d, where="config.json", generation_config=None):
+def config_from_hf(d, where="config.json", generation_config=None, mpgui=False):
     """The ModelConfig of an official config.json (dict): Qwen2-VL / Qwen2.5-VL (flat 4.x layout or 5.x's nested
-    `text_config`), InternVLChatModel or a merged MPGUI."""
+    `text_config`), InternVLChatModel or a merged MPGUI. mpgui=True: MP-GUI on an InternVL checkpoint."""
     name = (d.get("architectures") or [""])[0]
     arch = ARCHS.get(name) or {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}.get(d.get("model_type"))
     if arch is None:
         raise ValueError(f"{where}: unsupported architecture {name!r} / model_type {d.get('model_type')!r}")
+    if mpgui and arch not in ("internvl", "mpgui"):
+        raise ValueError(f"{where}: mpgui=True needs an InternVL checkpoint, not {arch}")
+    arch = "mpgui" if mpgui else arch
     if arch in ("internvl", "mpgui"):
         return internvl_config(d, arch, where, generation_config)
     return qwen_config(d, arch, where, generation_config)
@@ -237,9 +240,8 @@ def load_model(path, dtype=None, device="cpu", mpgui=False, **settings):
     config = os.path.join(folder, "config.json")
     if not os.path.isfile(config):
         raise FileNotFoundError(f"{folder}: no config.json")
-    cfg = config_from_hf(read_json(folder, "config.json"), config, read_json(folder, "generation_config.json") or None)
-    if mpgui and not cfg.is_internvl:
-        raise ValueError(f"{path}: mpgui=True needs an InternVL checkpoint, not {cfg.arch}")
+    cfg = config_from_hf(read_json(folder, "config.json"), config, read_json(folder, "generation_config.json") or None,
+                         mpgui)
     if cfg.is_internvl:  # special ids live in the tokenizer files, not in config.json
         ids = dict(image_token_id=data.IMG_CONTEXT, extra_token_id=data.EXTRA_CONTEXT, im_start_token_id="<|im_start|>")
         for name, token in ids.items():
@@ -247,7 +249,6 @@ def load_model(path, dtype=None, device="cpu", mpgui=False, **settings):
                 settings[name] = special_token_id(folder, token)
         end = special_token_id(folder, data.IM_END)
         cfg.eos_token_ids = [end] if end is not None else cfg.eos_token_ids
-        cfg.arch = "mpgui" if mpgui else cfg.arch
     cfg = dataclasses.replace(cfg, **{k: v for k, v in settings.items() if v is not None})
     with torch.device("meta"):
         model = {"internvl": InternVL, "mpgui": MPGUI}.get(cfg.arch, Qwen2VL)(cfg)

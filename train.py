@@ -175,19 +175,19 @@ def build_model(cfg, tok, device):
     return m.to(device)
 
 
-def build_dataset(cfg, tok, mc):
-    """The training set of cfg.data_format, for the model family of mc (the model config)."""
-    internvl = mc.is_internvl
+def build_dataset(cfg, tok, model_cfg):
+    """The training set of cfg.data_format, for the model family of model_cfg (the model config)."""
+    internvl = model_cfg.is_internvl
     if cfg.data_format not in ("internvl", "vlaser", "showui_grounding", "showui_navigation", "llamafactory"):
         raise ValueError(f"unknown data_format {cfg.data_format!r}")
     if internvl != (cfg.data_format in ("internvl", "vlaser")):
-        raise ValueError(f"data_format {cfg.data_format!r} does not fit a {mc.arch} model: InternVL / MP-GUI read "
-                         "internvl or vlaser; Qwen2-VL / Qwen2.5-VL read showui_grounding, showui_navigation or "
-                         "llamafactory")
+        raise ValueError(f"data_format {cfg.data_format!r} does not fit a {model_cfg.arch} model: InternVL / "
+                         "MP-GUI read internvl or vlaser; Qwen2-VL / Qwen2.5-VL read showui_grounding, "
+                         "showui_navigation or llamafactory")
     if internvl:
         return formats.InternVLDataset(
-            cfg.meta, tok, mc.template, mc.num_image_token, mc.vit_image_size, cfg.max_tiles, cfg.max_length,
-            data.EXTRA_CONTEXT if mc.is_mpgui else None,
+            cfg.meta, tok, model_cfg.template, model_cfg.num_image_token, model_cfg.vit_image_size, cfg.max_tiles,
+            cfg.max_length, data.EXTRA_CONTEXT if model_cfg.is_mpgui else None,
             point_prefix=formats.VLASER_POINT_PREFIX if cfg.data_format == "vlaser" else None)
     common = (tok, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
     if cfg.data_format == "showui_grounding":
@@ -210,14 +210,14 @@ def vision_inputs(b, m, distributed, device):
         px = b["pixel_values"]
         px = px if px is not None else torch.zeros(0, 3, m.cfg.vit_image_size, m.cfg.vit_image_size)
         return b, {"pixel_values": px.to(device)}
-    mc = m.cfg
+    c = m.cfg
     if b["pixel_values"] is None and distributed:
-        g = 2 * mc.vit_merge  # a (1, 2m, 2m) patch grid, which the merger's m x m merge turns into 2 x 2 = 4 tokens
-        col = torch.full((b["input_ids"].shape[0], (g // mc.vit_merge) ** 2), mc.pad_token_id)
-        col[0] = mc.image_token_id
+        g = 2 * c.vit_merge  # a (1, 2m, 2m) patch grid, which the merger's m x m merge turns into 2 x 2 = 4 tokens
+        col = torch.full((b["input_ids"].shape[0], (g // c.vit_merge) ** 2), c.pad_token_id)
+        col[0] = c.image_token_id
         b = dict(b, input_ids=torch.cat([b["input_ids"], col], 1), labels=torch.cat([b["labels"], col * 0 - 100], 1),
                  attention_mask=torch.cat([b["attention_mask"], col * 0], 1), image_grid_thw=torch.tensor([[1, g, g]]),
-                 pixel_values=torch.zeros(g * g, 3 * mc.vit_temporal_patch * mc.vit_patch ** 2))
+                 pixel_values=torch.zeros(g * g, 3 * c.vit_temporal_patch * c.vit_patch ** 2))
     return b, {k: b[k].to(device) for k in ("pixel_values", "image_grid_thw") if b[k] is not None}
 
 
