@@ -1,10 +1,12 @@
 """Folds a run's LoRA adapters (and its trained or new parts) into its base and writes a complete checkpoint folder
 in the official layout: sharded safetensors + index, config.json, tokenizer files, generation config.
 
-    python merge.py RUN OUT [--checkpoint RUN/checkpoints/step_N] [--device cpu] [--shard-gb 5]
+    python merge.py RUN OUT [--checkpoint RUN/checkpoints/step_N] [--device cpu] [--shard-gb 5] [--overwrite]
 
 It checks on a probe batch that merged logits equal base + adapters' and that the files, loaded by the ordinary
 loader, reproduce the merged model, before OUT appears; OUT is what the next stage's config names as `base`.
+merge.py replaces only folders it wrote (they hold merge.json): another existing OUT needs --overwrite. It refuses a
+base that changed since the run was trained (RUN/base.json), so adapters are never folded into the wrong weights.
 """
 import argparse
 import glob
@@ -20,6 +22,34 @@ import load
 import lora
 
 TOL = 1e-4  # fp32; the merge itself is done in fp32 whatever the storage dtype
+MARKER = "merge.json"  # in every folder merge.py writes: what it was merged from
+
+
+def written_by_merge(folder):
+    return os.path.isfile(os.path.join(folder, MARKER))
+
+
+def nested(a, b):
+    """a and b are the same folder, or one lies inside the other."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
+
+
+def check_folders(run, out, base, overwrite):
+    """Before any work: OUT is neither the run nor the base (nor inside or around them); an existing OUT, or an OUT.tmp
+    or OUT.old left over, is replaced only if merge.py wrote it (or --overwrite); the base is the one trained on."""
+    for name, folder in (("the run", run), ("its base", base)):
+        if nested(out, folder):
+            raise SystemExit(f"merge: OUT {out} is {name} {folder} or overlaps it; write the merge elsewhere")
+    for folder in (out, out + ".tmp", out + ".old"):
+        if os.path.exists(folder) and not written_by_merge(folder) and not (overwrite and folder == out):
+            raise SystemExit(f"merge: {folder} exists and was not written by merge.py (no {MARKER}); move it away"
+                             + (" or pass --overwrite" if folder == out else ""))
+    trained = load.read_json(run, "base.json")
+    if trained and trained["fingerprint"] != load.fingerprint(base):
+        raise SystemExit(f"merge: the run was trained on {trained['folder']} (fingerprint {trained['fingerprint']}), "
+                         f"but its base {base} now holds other weights (fingerprint {load.fingerprint(base)}); "
+                         "merging would fold the adapters into the wrong model")
 
 
 def rebuild(run_cfg, state, device):
@@ -65,8 +95,12 @@ def probe(m, seed=0):
 
 def write(m, out, base_folder, run, shard_bytes):
     """The official layout, written under OUT.tmp (renamed to OUT once checked: never half-written)."""
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)
+    tmp = out + ".tmp"
+    if os.path.exists(tmp):  # a failed merge's, checked by check_folders
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, MARKER), "w") as f:  # first, so even a half-written OUT.tmp is known as ours
+        json.dump(dict(run=os.path.abspath(run), base=os.path.abspath(base_folder)), f, indent=2)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in m.state_dict().items()}
     if m.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)  # tied: the official files store the embedding only
@@ -87,7 +121,8 @@ def write(m, out, base_folder, run, shard_bytes):
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
     for f in glob.glob(os.path.join(base_folder, "*")):  # config, tokenizer, generation config, remote code
-        if not f.endswith((".safetensors", ".safetensors.index.json", ".bin")) and os.path.isfile(f):
+        if os.path.isfile(f) and not f.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
+                and os.path.basename(f) != MARKER:
             shutil.copy(f, tmp)
     config_json = load.read_json(tmp, "config.json")
     if m.cfg.is_internvl:
@@ -118,9 +153,13 @@ def main(argv=None):
     p.add_argument("--checkpoint", default="", help="default: the run's latest")
     p.add_argument("--device", default="cpu")
     p.add_argument("--shard-gb", type=float, default=5.0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT that merge.py did not write")
     a = p.parse_args(argv)
+    a.out = a.out.rstrip("/")
     with open(os.path.join(a.run, "config.json")) as f:
         run_cfg = {**json.load(f), "out": a.run}  # the run may have moved
+    base = load.resolve(run_cfg["base"])
+    check_folders(a.run, a.out, base, a.overwrite)
     ckpt = a.checkpoint or max(glob.glob(os.path.join(a.run, "checkpoints", "step_*[0-9]")), default=None)
     if not ckpt:
         raise FileNotFoundError(f"{a.run}: no checkpoint to merge")
@@ -132,7 +171,7 @@ def main(argv=None):
         ref = m(ids, **vision)  # base + adapters, unmerged
         lora.merge(m)
         err = rel(m(ids, **vision), ref)  # the merge arithmetic itself, fp32
-    tmp, dtype = write(m, a.out, load.resolve(run_cfg["base"]), a.run, int(a.shard_gb * 2**30))
+    tmp, dtype = write(m, a.out, base, a.run, int(a.shard_gb * 2**30))
     # the files, through the ordinary loader
     merged = load.load_model(tmp, dtype=torch.float32, device=a.device, gate_mask=run_cfg["gate_mask"])
     with torch.no_grad():
@@ -143,8 +182,12 @@ def main(argv=None):
           f"  probe logits, files ({str(dtype).replace('torch.', '')}) vs merged model: {err_file:.2e}")
     if not (err <= TOL and err_file <= TOL):  # OUT stays as it was; the failed files stay in OUT.tmp to inspect
         raise SystemExit(f"merge check failed: merged vs unmerged {err:.2e}, files vs merged {err_file:.2e}")
-    shutil.rmtree(a.out, ignore_errors=True)
+    if os.path.exists(a.out):  # the old OUT moves aside before the new one moves in: never half of each
+        if os.path.exists(a.out + ".old"):
+            shutil.rmtree(a.out + ".old")
+        os.replace(a.out, a.out + ".old")
     os.replace(tmp, a.out)
+    shutil.rmtree(a.out + ".old", ignore_errors=True)
     return err
 
 

@@ -338,11 +338,14 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
-def write_run(cfg, tok):
+def write_run(cfg, tok, folder):
     """The run folder with the resolved config (also printed) and the tokenizer as trained (with any added token)."""
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
+    with open(os.path.join(cfg.out, "base.json"), "w") as f:
+        # the base folder the adapters belong to: merge.py refuses to fold them into any other
+        json.dump(dict(folder=os.path.abspath(folder), fingerprint=load.fingerprint(folder)), f, indent=2)
     tok.save(os.path.join(cfg.out, "tokenizer.json"))
     print(json.dumps(dataclasses.asdict(cfg)))
 
@@ -483,8 +486,12 @@ def report_step(rec, micro, log, bar, log_every):
 
 
 def main(argv):
-    if not argv:
-        sys.exit(__doc__)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python train.py CONFIG [--key=value ...]\n" + __doc__ +
+              "\nConfig keys (JSON file or --key=value) and their defaults:")
+        for f in dataclasses.fields(TrainConfig):
+            print(f"  {f.name} = {getattr(TrainConfig(), f.name)!r}")
+        sys.exit(0 if argv else 2)
     cfg = load_config(argv[0], argv[1:])
     rank, world, device = init_distributed(cfg)
     distributed = dist.is_initialized()
@@ -494,7 +501,7 @@ def main(argv):
     m = build_model(cfg, tok, device)
     seed_all(cfg.seed + rank)  # dropout and drop-path: each rank its own draws
     if rank == 0:
-        write_run(cfg, tok)
+        write_run(cfg, tok, folder)
     ds = build_dataset(cfg, tok, m.cfg)
     if rank == 0:
         print_skipped(ds.skipped)

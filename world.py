@@ -6,6 +6,7 @@ official data.
 The world is small on purpose (a 4 x 4 layout grid, six colours, four glyphs, eight words) so that a model of a few
 million parameters can learn parts of it on a CPU in minutes: `bash demo.sh` trains the five MP-GUI stages on it.
 """
+import argparse
 import json
 import os
 import random
@@ -306,9 +307,13 @@ def corpus(out):
 
 
 if __name__ == "__main__":
-    import sys
-    out = sys.argv[1] if len(sys.argv) > 1 else "demo"
-    n_train, n_eval = (int(v) for v in (sys.argv[2:4] if len(sys.argv) > 3 else (600, 100)))
+    p = argparse.ArgumentParser(description="Draws the synthetic GUI world (OUT/data) and a random-init tiny "
+                                "InternVL2-layout checkpoint (OUT/base).")
+    p.add_argument("out", nargs="?", default="demo")
+    p.add_argument("n_train", nargs="?", type=int, default=600, help="training screens")
+    p.add_argument("n_eval", nargs="?", type=int, default=100, help="held-out screens")
+    a = p.parse_args()
+    out, n_train, n_eval = a.out, a.n_train, a.n_eval
     build(os.path.join(out, "data"), n_train, n_eval)
     write_tiny_model(os.path.join(out, "base"), corpus(os.path.join(out, "data")), vit=(96, 2, 3, 192),
                      llm=(192, 4, 4, 2, 512))

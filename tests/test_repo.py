@@ -182,3 +182,21 @@ def test_the_rules_catch_a_bad_tree(tmp_path):
     assert model_imports_outside_tensors(root) == ["json", "safetensors"]
     assert loaded_by_import_model(root) == ["safetensors"]
     assert unlisted_in_readme(root) == ["big.py"]
+
+
+CLIS = ["train.py", "eval.py", "merge.py", "world.py", "tools/aitw.py", "tools/srp.py", "tools/synth.py",
+        "tools/tiny_tokenizer.py", "tests/parity.py", "bench/decode.py", "bench/qwen_step.py", "bench/train_step.py",
+        "bench/ui_select.py"]
+
+
+def test_every_cli_answers_help_and_writes_nothing(tmp_path):
+    missing = {os.path.relpath(os.path.join(d, f), ROOT) for d in (ROOT, os.path.join(ROOT, "tools"),
+               os.path.join(ROOT, "bench")) for f in os.listdir(d) if f.endswith(".py")} - set(CLIS)
+    assert missing <= {"model.py", "load.py", "data.py", "formats.py", "scorers.py", "lora.py", "perceivers.py",
+                       "token_select.py", "tools/__init__.py", "tools/common.py"}, f"a CLI without this test: {missing}"
+    for script in CLIS:
+        run = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and run.stdout.lower().startswith("usage"), (script, run.stdout[-500:],
+                                                                                 run.stderr[-500:])
+        assert os.listdir(tmp_path) == [], (script, os.listdir(tmp_path))

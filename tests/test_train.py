@@ -348,6 +348,56 @@ def test_merge_keeps_the_storage_dtype_of_a_transformers5_config(tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
 
 
+def test_merge_replaces_only_what_it_wrote(tmp_path):
+    run, _ = qwen_run(str(tmp_path), fixture("qwen2_vl_tiny"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    with pytest.raises(SystemExit, match="not written by merge.py"):
+        merge.main([run, str(mine)])
+    assert os.listdir(mine) == ["notes.txt"] and not os.path.exists(str(mine) + ".tmp")
+    out = str(tmp_path / "merged")
+    merge.main([run, out])
+    first = file_digests(out)
+    merge.main([run, out + "/"])  # its own output: replaced, nothing left beside it
+    assert file_digests(out) == first and merge.MARKER in os.listdir(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine", "run"]
+    merge.main([run, str(mine), "--overwrite"])  # asked for: the user's folder goes
+    assert file_digests(str(mine)) == first
+
+
+def test_merge_refuses_the_run_or_its_base_as_out(tmp_path):
+    base = str(tmp_path / "base")
+    shutil.copytree(fixture("qwen2_vl_tiny"), base)
+    run, _ = qwen_run(str(tmp_path), base)
+    before = file_digests(base)
+    for out in (base, run, os.path.join(run, "merged"), str(tmp_path)):
+        with pytest.raises(SystemExit, match="overlaps"):
+            merge.main([run, out, "--overwrite"])
+    assert file_digests(base) == before
+
+
+def test_merge_refuses_a_base_that_changed_since_training(tmp_path):
+    base = str(tmp_path / "base")
+    shutil.copytree(fixture("qwen2_vl_tiny"), base)
+    run, _ = qwen_run(str(tmp_path), base)
+    with open(os.path.join(run, "base.json"), "w") as f:  # as train.py records it
+        json.dump(dict(folder=base, fingerprint=load.fingerprint(base)), f)
+    merge.main([run, str(tmp_path / "first")])
+    shutil.copy(os.path.join(tmp_path, "first", "model-00001-of-00001.safetensors"),
+                os.path.join(base, "model.safetensors"))  # the base overwritten by a merge (other dtype, same keys)
+    with pytest.raises(SystemExit, match="now holds other weights"):
+        merge.main([run, str(tmp_path / "second")])
+    assert not os.path.exists(tmp_path / "second")
+
+
+def test_train_records_its_base(tmp_path):
+    base = fixture("qwen2_vl_tiny")
+    cfg = train.TrainConfig(base=base, out=str(tmp_path / "run"))
+    train.write_run(cfg, load.load_tokenizer(base), base)
+    assert load.read_json(cfg.out, "base.json") == dict(folder=os.path.abspath(base), fingerprint=load.fingerprint(base))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. chain: the five MP-GUI stages, each from the previous stage's merge (stage 1 from a plain InternVL2)
 

@@ -5,10 +5,9 @@ Writes a character-level tokenizer.json for a tiny fixture folder:
 Plain ASCII text round-trips, and the special tokens sit at the stand-in ids the fixtures use (Qwen: image_token_id
 151 ...; InternVL: <img>=95, </img>=96, <IMG_CONTEXT>=97, <EXTRA_IMG_CONTEXT>=98), so a demo runs end to end.
 """
-import os
-import sys
-
+import argparse
 import json
+import os
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
@@ -65,8 +64,11 @@ def build_internvl(bos, extra):
 
 
 if __name__ == "__main__":
-    out_dir = sys.argv[1]
-    config = json.load(open(os.path.join(out_dir, "config.json")))
+    p = argparse.ArgumentParser(description="Writes the character-level tokenizer.json of a tiny fixture folder.")
+    p.add_argument("folder", help="a fixture folder holding config.json")
+    out_dir = p.parse_args().folder
+    with open(os.path.join(out_dir, "config.json")) as f:
+        config = json.load(f)
     if "llm_config" in config:
         tok = build_internvl(bos=config["llm_config"]["architectures"][0] == "InternLM2ForCausalLM",
                              extra=config["architectures"][0] == "MPGUI")
