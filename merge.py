@@ -15,11 +15,12 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import data
 import load
 import lora
+import train
 
 TOL = 1e-4  # fp32; the merge itself is done in fp32 whatever the storage dtype
 MARKER = "merge.json"  # in every folder merge.py writes: what it was merged from
@@ -160,10 +161,12 @@ def main(argv=None):
         run_cfg = {**json.load(f), "out": a.run}  # the run may have moved
     base = load.resolve(run_cfg["base"])
     check_folders(a.run, a.out, base, a.overwrite)
-    ckpt = a.checkpoint or max(glob.glob(os.path.join(a.run, "checkpoints", "step_*[0-9]")), default=None)
+    ckpt = a.checkpoint or train.latest_checkpoint(a.run)
     if not ckpt:
         raise FileNotFoundError(f"{a.run}: no checkpoint to merge")
-    state = torch.load(os.path.join(ckpt, "trainable.pt"), map_location="cpu")
+    if not os.path.isfile(os.path.join(ckpt, train.TRAINABLE)):
+        raise FileNotFoundError(f"{ckpt}: no {train.TRAINABLE} (merge.py loads no pickle)")
+    state = load_file(os.path.join(ckpt, train.TRAINABLE))
     m = rebuild(run_cfg, state, a.device)
     ids, vision = probe(m)
     ids, vision = ids.to(a.device), {k: v.to(a.device) for k, v in vision.items()}

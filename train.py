@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from tokenizers import AddedToken
@@ -258,23 +259,48 @@ def peak_flops(device):
 # checkpoints: trainable weights + optimizer + scheduler + step + data position + RNG, atomic
 
 
+TRAINABLE = "trainable.safetensors"  # in each checkpoint: the tensors the base lacks or the run trained
+
+
+def rng_state():
+    """This process's Python, NumPy, torch and CUDA generator states, as JSON-able lists."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
+    return dict(python=[version, list(words), gauss], numpy=[name, keys.tolist(), pos, has_gauss, cached],
+                torch=torch.get_rng_state().tolist(), cuda=cuda)
+
+
+def set_rng_state(s):
+    version, words, gauss = s["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
+
+
 def save_checkpoint(run, m, opt, sched, step, position, rank):
+    """No pickle: trainable.safetensors (the trained and new tensors), optimizer.safetensors (Adam's moments and step
+    per parameter name, `NAME::KEY`), state.json (step, data position, scheduler, param groups, every rank's RNG)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_sd, opt_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     names = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.new_tensors)
-    rng = [random.getstate(), np.random.get_state(), torch.get_rng_state(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None]
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng_state()]
     if dist.is_initialized():
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(rngs, rng_state())
     if rank == 0:
         final = os.path.join(run, "checkpoints", f"step_{step:07d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        torch.save({k: v for k, v in model_sd.items() if k in names}, os.path.join(tmp, "trainable.pt"))
-        torch.save(dict(optimizer=opt_sd, scheduler=sched.state_dict(), step=step, position=position, rng=rngs),
-                   os.path.join(tmp, "state.pt"))
+        save_file({k: v.contiguous() for k, v in model_sd.items() if k in names}, os.path.join(tmp, TRAINABLE))
+        moments = {f"{n}::{k}": v.contiguous() for n, s in opt_sd["state"].items() for k, v in s.items()}
+        save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dict(step=step, position=position, scheduler=sched.state_dict(),
+                           param_groups=opt_sd["param_groups"], rng=rngs), f)
         os.replace(tmp, final)  # a checkpoint exists whole or not at all
     if dist.is_initialized():
         dist.barrier()
@@ -289,15 +315,22 @@ def latest_checkpoint(run):
 
 def load_checkpoint(path, m, opt, sched, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    weights = torch.load(os.path.join(path, "trainable.pt"), weights_only=False)
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    set_state_dict(m, opt, model_state_dict=weights, optim_state_dict=state["optimizer"],
+    if not os.path.isfile(os.path.join(path, TRAINABLE)):
+        raise FileNotFoundError(f"{path}: no {TRAINABLE}" + (" (a pickle checkpoint of an older version: train.py "
+                                "loads no pickle; start the run again)" if os.path.exists(
+                                    os.path.join(path, "trainable.pt")) else ""))
+    weights = load_file(os.path.join(path, TRAINABLE))
+    moments = {}
+    for key, t in load_file(os.path.join(path, "optimizer.safetensors")).items():
+        name, k = key.split("::")
+        moments.setdefault(name, {})[k] = t
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    set_state_dict(m, opt, model_state_dict=weights, optim_state_dict=dict(state=moments,
+                                                                          param_groups=state["param_groups"]),
                    options=StateDictOptions(full_state_dict=True, strict=False))
     sched.load_state_dict(state["scheduler"])
-    py, npy, cpu, cuda = state["rng"][rank]
-    random.setstate(py), np.random.set_state(npy), torch.set_rng_state(cpu)
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    set_rng_state(state["rng"][rank])
     return state["step"], state["position"]
 
 

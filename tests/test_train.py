@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import data
 import load
@@ -86,7 +87,7 @@ def checkpoint(run, step):
 
 
 def trainable(run, step):
-    return torch.load(os.path.join(checkpoint(run, step), "trainable.pt"))
+    return load_file(os.path.join(checkpoint(run, step), train.TRAINABLE))
 
 
 def fixture(name):
@@ -277,7 +278,7 @@ QWEN_RUN = dict(mpgui=False, gate_mask="prompt_only", lora_llm_r=4, lora_llm_alp
 
 
 def qwen_run(folder, base):
-    """A run folder as train.py would leave it: config.json + checkpoints/step_0000001/trainable.pt with random
+    """A run folder as train.py would leave it: config.json + checkpoints/step_0000001/trainable.safetensors with random
     adapters for every injected name. Returns (run, our unmerged model)."""
     run = os.path.join(folder, "run")
     os.makedirs(checkpoint(run, 1))
@@ -287,7 +288,7 @@ def qwen_run(folder, base):
     lora.add_adapters(m, 4, 8, 2, 4)
     g = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in adapters(m).items()}
-    torch.save(state, os.path.join(checkpoint(run, 1), "trainable.pt"))
+    save_file(state, os.path.join(checkpoint(run, 1), train.TRAINABLE))
     assert set(state) == set(adapters(m))
     m.load_state_dict(state, strict=False)
     return run, m.eval()
@@ -439,8 +440,8 @@ def test_chain_merges_load_as_mpgui_with_the_extra_token(chain):
 
 def trained_names(run):
     """The parameters the optimizer stepped (full state dict names)."""
-    state = torch.load(os.path.join(checkpoint(run, 2), "state.pt"), weights_only=False)
-    return {n for g in state["optimizer"]["param_groups"] for n in g["params"]}
+    with open(os.path.join(checkpoint(run, 2), "state.json")) as f:
+        return {n for g in json.load(f)["param_groups"] for n in g["params"]}
 
 
 def test_chain_stage1_trains_only_the_textual_perceiver_and_llm_lora(chain):
@@ -469,16 +470,16 @@ def test_chain_stage5_trains_no_perceiver_or_gate(chain):
 
 @pytest.fixture(scope="module")
 def killed_write(meta, tmp_path_factory, uninterrupted):
-    """The resume run, its step-4 checkpoint write killed after trainable.pt (disk full), then run again."""
+    """The resume run, its step-4 checkpoint write killed after the weights (disk full), then run again."""
     out = str(tmp_path_factory.mktemp("killed") / "run")
-    real = torch.save
+    real = train.save_file
 
-    def save(obj, f, *a, **k):
-        if str(f).endswith(os.path.join("step_0000004.tmp", "state.pt")):
+    def save(tensors, f, *a, **k):
+        if str(f).endswith(os.path.join("step_0000004.tmp", "optimizer.safetensors")):
             raise OSError("disk full")
-        return real(obj, f, *a, **k)
+        return real(tensors, f, *a, **k)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "save", save)
+        mp.setattr(train, "save_file", save)
         with pytest.raises(OSError, match="disk full"):
             train.main(resume_args(meta, out))
     after_kill = dict(latest=train.latest_checkpoint(out), tmp=sorted(os.listdir(checkpoint(out, 4) + ".tmp")))
@@ -488,7 +489,7 @@ def killed_write(meta, tmp_path_factory, uninterrupted):
 
 def test_killed_checkpoint_write_leaves_the_previous_checkpoint_latest(killed_write):
     out, after_kill = killed_write
-    assert after_kill == dict(latest=checkpoint(out, 2), tmp=["trainable.pt"])
+    assert after_kill == dict(latest=checkpoint(out, 2), tmp=[train.TRAINABLE])
 
 
 def test_rerun_after_killed_write_resumes_and_finishes(killed_write, uninterrupted):
@@ -506,7 +507,7 @@ def test_failed_merge_check_leaves_out_untouched(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted, bad)
     state = trainable(bad, 4)
     state[next(k for k in state if k.endswith("lora_B"))].fill_(float("nan"))
-    torch.save(state, os.path.join(checkpoint(bad, 4), "trainable.pt"))
+    save_file(state, os.path.join(checkpoint(bad, 4), train.TRAINABLE))
     with pytest.raises(SystemExit, match="merge check failed"):
         merge.main([bad, out])
     assert file_digests(out) == before
