@@ -567,3 +567,11 @@ def test_config_override_rejected(tmp_path, override, error):
 def test_config_unknown_file_key_rejected(tmp_path):
     with pytest.raises(KeyError, match="unknown config key 'nope'"):
         train.load_config(config_file(tmp_path, {"nope": 1}))
+
+
+def test_an_old_pickle_checkpoint_is_refused_not_loaded(tmp_path):
+    old = tmp_path / "step_0000001"
+    old.mkdir()
+    (old / "trainable.pt").write_bytes(b"not read: a pickle could run code")
+    with pytest.raises(FileNotFoundError, match="loads no pickle"):
+        train.load_checkpoint(str(old), None, None, None, 0)
