@@ -109,14 +109,41 @@ class TrainConfig:
     uigraph_threshold: float = 1.0
 
 
+CHOICES = dict(data_format=("internvl", "vlaser", "showui_grounding", "showui_navigation", "llamafactory"),
+               schedule=("linear", "cosine"), mpgui_mode=("textual", "graphical", "spatial", "fusion"),
+               gate_mask=("prompt_only", "official"), interleaved_history=("tttt", "vtvt"))
+RATIOS = ("warmup_ratio", "lora_dropout", "drop_path", "lm_skip_ratio")  # in [0, 1]
+POSITIVE = ("lr", "global_batch", "micro_batch", "max_length", "max_tiles", "num_turn", "log_every",
+            "dist_timeout_min", "min_pixels", "max_pixels", "epochs", "crop_min", "crop_max")
+
+
+def check_value(where, k, v):
+    """A value of field k must have its default's type (a float field takes an int, no field but a bool field takes a
+    bool), be one of CHOICES, and lie in its range; `where` names the file or the override in the error."""
+    default = getattr(TrainConfig(), k)
+    expected = (float, int) if isinstance(default, float) else type(default)
+    if not isinstance(v, expected) or isinstance(v, bool) != isinstance(default, bool):
+        raise TypeError(f"{where}: {k} = {v!r} is not a {type(default).__name__}")
+    if k in CHOICES and v not in CHOICES[k]:
+        raise ValueError(f"{where}: {k} = {v!r} is not one of {', '.join(CHOICES[k])}")
+    if k in RATIOS and not 0 <= v <= 1 or k in POSITIVE and not v > 0 or \
+            isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= 0:  # NaN fails every comparison
+        allowed = "in [0, 1]" if k in RATIOS else "> 0" if k in POSITIVE else ">= 0"
+        raise ValueError(f"{where}: {k} = {v!r} must be {allowed}")
+
+
 def load_config(path, overrides=()):
-    """A JSON file filled into TrainConfig, then --key=value overrides; unknown keys are errors."""
+    """A JSON file filled into TrainConfig, then --key=value overrides. Unknown keys, wrong types, values outside
+    their choices or ranges are errors naming the file (or override), the key and what is allowed."""
     with open(path) as f:
         raw = json.load(f)
-    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for k in raw:
-        if k not in names and not k.startswith("_"):  # "_comment" style keys document a config
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k, v in raw.items():
+        if k.startswith("_"):  # "_comment" style keys document a config
+            continue
+        if k not in names:
             raise KeyError(f"{path}: unknown config key {k!r}")
+        check_value(path, k, v)
     cfg = TrainConfig(**{k: v for k, v in raw.items() if k in names})
     for o in overrides:
         if not o.startswith("--") or "=" not in o:
@@ -124,16 +151,15 @@ def load_config(path, overrides=()):
         k, v = o[2:].split("=", 1)
         if k not in names:
             raise KeyError(f"unknown config key {k!r} in override {o!r}")
-        default = getattr(cfg, k)
-        try:
-            v = v if isinstance(default, str) else ast.literal_eval(v)  # a string field takes the text as it is
-        except (ValueError, SyntaxError):
-            pass  # not a Python literal: stays text, which only a string field takes
-        # a float field takes an int too; any other field its default's type, so a bool field only True / False
-        expected = (float, int) if isinstance(default, float) else type(default)
-        if not isinstance(v, expected):
-            raise TypeError(f"override {o!r}: expected {type(default).__name__}")
+        if not isinstance(getattr(cfg, k), str):  # a string field takes the text as it is
+            try:
+                v = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                pass  # not a Python literal: stays text, which only a string field takes
+        check_value(f"override {o!r}", k, v)
         setattr(cfg, k, v)
+    if cfg.crop_min > cfg.crop_max:
+        raise ValueError(f"{path}: crop_min {cfg.crop_min} > crop_max {cfg.crop_max}")
     return cfg
 
 
@@ -151,6 +177,9 @@ def build_model(cfg, tok, device):
                                              "lm_skip_rand", "uigraph_threshold")}
     m = load.load_model(cfg.base, dtype=torch.float32, mpgui=cfg.mpgui, extra_token_id=extra, **switches)  # fp32
     base_vocab = m.cfg.vocab_size
+    if m.cfg.is_internvl and cfg.lm_skip_ratio > 0:
+        raise ValueError(f"lm_skip_ratio {cfg.lm_skip_ratio}: UI-guided token selection is ShowUI's, for Qwen2-VL "
+                         f"bases; {cfg.base} is {m.cfg.arch}")
     if m.cfg.is_mpgui:
         if extra >= m.cfg.vocab_size:
             m.resize_vocab(extra + 1)

@@ -558,10 +558,27 @@ def test_config_override_accepted(tmp_path, override, value):
 @pytest.mark.parametrize("override, error", [
     ("--bf16=1", TypeError), ("--bf16=0", TypeError), ("--bf16=yes", TypeError), ("--lr=abc", TypeError),
     ("--lr=[1]", TypeError), ("--max_steps=3.5", TypeError), ("--max_steps=x", TypeError), ("--datasets=a", TypeError),
-    ("--betas=(0.9,0.95)", TypeError), ("--nope=1", KeyError), ("lr=1", ValueError), ("--lr", ValueError)])
+    ("--betas=(0.9,0.95)", TypeError), ("--nope=1", KeyError), ("lr=1", ValueError), ("--lr", ValueError),
+    ("--max_steps=True", TypeError), ("--schedule=cosin", ValueError), ("--mpgui_mode=textal", ValueError),
+    ("--warmup_ratio=2.0", ValueError), ("--micro_batch=0", ValueError), ("--lm_skip_ratio=-0.1", ValueError)])
 def test_config_override_rejected(tmp_path, override, error):
     with pytest.raises(error):
         train.load_config(config_file(tmp_path), [override])
+
+
+@pytest.mark.parametrize("raw, error, message", [
+    ({"max_steps": "3"}, TypeError, "max_steps = '3' is not a int"), ({"bf16": 1}, TypeError, "bf16 = 1"),
+    ({"max_steps": True}, TypeError, "max_steps = True"), ({"schedule": "cosin"}, ValueError, "linear, cosine"),
+    ({"mpgui_mode": "textal"}, ValueError, "textual, graphical, spatial, fusion"),
+    ({"warmup_ratio": 2.0}, ValueError, r"must be in \[0, 1\]"), ({"lr": 0}, ValueError, "must be > 0"),
+    ({"lr": float("nan")}, ValueError, "must be > 0"), ({"save_every": -1}, ValueError, "must be >= 0"),
+    ({"crop_min": 1.5, "crop_max": 1.2}, ValueError, "crop_min 1.5 > crop_max 1.2")])
+def test_config_file_values_checked_before_any_work(tmp_path, raw, error, message):
+    """A config file gets the overrides' type checks, its choices and ranges; the error names the file and key."""
+    path = config_file(tmp_path, raw)
+    with pytest.raises(error, match=message) as e:
+        train.load_config(path)
+    assert path in str(e.value)
 
 
 def test_config_unknown_file_key_rejected(tmp_path):
@@ -575,3 +592,10 @@ def test_an_old_pickle_checkpoint_is_refused_not_loaded(tmp_path):
     (old / "trainable.pt").write_bytes(b"not read: a pickle could run code")
     with pytest.raises(FileNotFoundError, match="loads no pickle"):
         train.load_checkpoint(str(old), None, None, None, 0)
+
+
+def test_token_selection_on_an_internvl_base_is_an_error(tmp_path):
+    base = fixture("internvl2_tiny")
+    cfg = train.TrainConfig(base=base, lm_skip_ratio=0.5, out=str(tmp_path))
+    with pytest.raises(ValueError, match="ShowUI's, for Qwen2-VL bases"):
+        train.build_model(cfg, load.load_tokenizer(base), torch.device("cpu"))
