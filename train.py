@@ -547,13 +547,18 @@ def report_step(rec, micro, log, bar, log_every):
                         **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] else {}))
 
 
+def usage(asked):
+    """Prints how to call train.py and every config key with its default; the exit code (0 when asked)."""
+    print("usage: python train.py CONFIG [--key=value ...]\n" + __doc__ +
+          "\nConfig keys (JSON file or --key=value) and their defaults:")
+    for f in dataclasses.fields(TrainConfig):
+        print(f"  {f.name} = {getattr(TrainConfig(), f.name)!r}")
+    return 0 if asked else 2
+
+
 def main(argv):
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python train.py CONFIG [--key=value ...]\n" + __doc__ +
-              "\nConfig keys (JSON file or --key=value) and their defaults:")
-        for f in dataclasses.fields(TrainConfig):
-            print(f"  {f.name} = {getattr(TrainConfig(), f.name)!r}")
-        sys.exit(0 if argv else 2)
+        sys.exit(usage(asked=bool(argv)))
     cfg = load_config(argv[0], argv[1:])
     rank, world, device = init_distributed(cfg)
     distributed = dist.is_initialized()
