@@ -177,9 +177,6 @@ def build_model(cfg, tok, device):
                                              "lm_skip_rand", "uigraph_threshold")}
     m = load.load_model(cfg.base, dtype=torch.float32, mpgui=cfg.mpgui, extra_token_id=extra, **switches)  # fp32
     base_vocab = m.cfg.vocab_size
-    if m.cfg.is_internvl and cfg.lm_skip_ratio > 0:
-        raise ValueError(f"lm_skip_ratio {cfg.lm_skip_ratio}: UI-guided token selection is ShowUI's, for Qwen2-VL "
-                         f"bases; {cfg.base} is {m.cfg.arch}")
     if m.cfg.is_mpgui:
         if extra >= m.cfg.vocab_size:
             m.resize_vocab(extra + 1)
@@ -214,6 +211,9 @@ def build_dataset(cfg, tok, model_cfg):
         raise ValueError(f"data_format {cfg.data_format!r} does not fit a {model_cfg.arch} model: InternVL / "
                          "MP-GUI read internvl or vlaser; Qwen2-VL / Qwen2.5-VL read showui_grounding, "
                          "showui_navigation or llamafactory")
+    if internvl and cfg.lm_skip_ratio > 0:
+        raise ValueError(f"lm_skip_ratio {cfg.lm_skip_ratio}: UI-guided token selection is ShowUI's, for Qwen2-VL "
+                         f"bases; {cfg.base} is {model_cfg.arch}")
     if internvl:
         return formats.InternVLDataset(
             cfg.meta, tok, model_cfg.template, model_cfg.num_image_token, model_cfg.vit_image_size, cfg.max_tiles,
@@ -400,6 +400,23 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
+# what may differ when a run folder is run again: where it lies, how long it goes on (the schedule is recomputed for the
+# new total), how often it logs and saves, data workers, the process-group timeout, an explicit checkpoint to resume
+RESUMABLE = ("out", "max_steps", "save_every", "log_every", "num_workers", "dist_timeout_min", "resume")
+
+
+def check_rerun(cfg):
+    """A run folder that holds a run already is resumed only under the same config (RESUMABLE aside): otherwise
+    the run would go on with its old schedule and state while config.json claimed the new values."""
+    old = load.read_json(cfg.out, "config.json")
+    new = dataclasses.asdict(cfg)
+    diff = [f"{k}: {old[k]!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            if k not in RESUMABLE and old.get(k) != new.get(k)] if old else []
+    if diff:
+        raise SystemExit(f"{cfg.out} holds a run with another config ({'; '.join(diff)}); to start a new run, "
+                         "pass another --out")
+
+
 def write_run(cfg, tok, folder):
     """The run folder with the resolved config (also printed) and the tokenizer as trained (with any added token)."""
     os.makedirs(cfg.out, exist_ok=True)
@@ -479,11 +496,12 @@ def rank_slice(order, start, micro_index, world, rank, mb):
     return order[start + k * mb:start + (k + 1) * mb]
 
 
-def loader(ds, cfg, world, rank, accum, pad, position):
+def loader(ds, cfg, world, rank, pad, position):
     """Yields (global sample position after the step, this rank's `accum` collated micro-batches), step after step,
     from `position` on. Each global batch is a slice of the epoch's order, dealt out by rank_slice; an epoch's ragged
     tail is dropped so every step sees a full batch. Workers prepare batches ahead."""
     n, mb, gb = len(ds), cfg.micro_batch, cfg.global_batch
+    accum = gb // (mb * world)  # micro-batches per rank and optimizer step
     while True:
         epoch, start = divmod(position, n)
         order = step_order(n, cfg, ds.lengths, epoch)
@@ -561,10 +579,10 @@ def main(argv):
         sys.exit(usage(asked=bool(argv)))
     cfg = load_config(argv[0], argv[1:])
     rank, world, device = init_distributed(cfg)
-    distributed = dist.is_initialized()
-    accum = cfg.global_batch // (cfg.micro_batch * world)  # micro-batches per rank and optimizer step
+    distributed = dist.is_initialized()  # under torchrun
     folder = load.resolve(cfg.base)
     tok = load.load_tokenizer(folder)
+    check_rerun(cfg)
     m = build_model(cfg, tok, device)
     seed_all(cfg.seed + rank)  # dropout and drop-path: each rank its own draws
     if rank == 0:
@@ -582,7 +600,7 @@ def main(argv):
     fpt, peak = flops_per_token(m, cfg), peak_flops(device)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.out))
-    batches = loader(ds, cfg, world, rank, accum, m.cfg.pad_token_id, position)
+    batches = loader(ds, cfg, world, rank, m.cfg.pad_token_id, position)
     m.train()
     while step < total:
         t0 = time.time()

@@ -237,6 +237,6 @@ def test_data_format_must_fit_the_model(tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         train.main([config("showui_grounding"), "--base=" + os.path.join(FIXTURES, "internvl3_tiny"),
                     f"--out={tmp_path / 'r'}", *CPU])
-    with pytest.raises(ValueError, match="unknown data_format"):
+    with pytest.raises(ValueError, match="data_format = 'csv' is not one of"):
         train.main([config("vlaser_2b"), "--base=" + os.path.join(FIXTURES, "internvl3_tiny"), "--data_format=csv",
                     f"--out={tmp_path / 'r'}", *CPU])

@@ -598,4 +598,17 @@ def test_token_selection_on_an_internvl_base_is_an_error(tmp_path):
     base = fixture("internvl2_tiny")
     cfg = train.TrainConfig(base=base, lm_skip_ratio=0.5, out=str(tmp_path))
     with pytest.raises(ValueError, match="ShowUI's, for Qwen2-VL bases"):
-        train.build_model(cfg, load.load_tokenizer(base), torch.device("cpu"))
+        train.build_dataset(cfg, load.load_tokenizer(base), load.load_model(base).cfg)
+
+
+def test_rerun_with_another_config_is_refused(tmp_path):
+    import dataclasses
+    cfg = train.TrainConfig(base="base", out=str(tmp_path / "run"), lr=6e-4, max_steps=20)
+    train.check_rerun(cfg)  # a new folder: nothing to compare
+    os.makedirs(cfg.out)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f)
+    train.check_rerun(dataclasses.replace(cfg, max_steps=30, save_every=5, num_workers=0))  # going on: allowed
+    with pytest.raises(SystemExit, match=r"another config \(lr: 0.0006 there, 0.0005 now; schedule: 'linear' there, "
+                                         r"'cosine' now\); to start a new run, pass another --out"):
+        train.check_rerun(dataclasses.replace(cfg, max_steps=30, lr=5e-4, schedule="cosine"))
