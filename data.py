@@ -143,7 +143,8 @@ TEMPLATES = {
     "internvl2_5": dict(
         system_template="<|im_start|>system\n{system_message}",
         system_message="你是书生·万象，英文名是InternVL，"
-                       "是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
+                       "是由上海人工智能实验室、清华大学及多家合作单位"
+                       "联合开发的多模态大语言模型。",
         roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>\n", bos=None, strip=False),
 }
 

@@ -368,8 +368,8 @@ def spm_to_tokenizer(model_file, added_tokens=None, add_bos=True):
     tok.add_special_tokens([AddedToken(names[i], normalized=False, special=True) for i in special])
     # sentencepiece's normalizer, which HF runs on each stretch of text between added tokens: exactly what
     # transformers' slow InternLM2Tokenizer does (sp_model.encode per stretch), not one sp.encode of the whole text,
-    # where the dummy ▁ and the stripping of spaces see across user-defined pieces (whole "x  <img>y" -> "▁x▁<img>y",
-    # per stretch "▁x", "<img>", "▁y", with both flags on).
+    # where the dummy ▁ and the stripping of spaces see across user-defined pieces
+    # (whole "x  <img>y" -> "▁x▁<img>y", per stretch "▁x", "<img>", "▁y", with both flags on).
     # charsmap: e.g. nmt_nfkc, as transformers does (close, not exact: "\r\n"); InternLM2's "identity" has none
     dummy, collapse = norm.get(3, 1), norm.get(4, 1)  # add_dummy_prefix (InternLM2: off), remove_extra_whitespaces
     norms = [normalizers.Precompiled(norm[2])] if norm.get(2) else []
@@ -379,7 +379,8 @@ def spm_to_tokenizer(model_file, added_tokens=None, add_bos=True):
     norms.append(normalizers.Replace(" ", "▁"))
     if dummy:  # ▁ before every non-empty stretch, before leading whitespace too, as sentencepiece does
         norms.append(normalizers.Prepend("▁"))
-    if collapse:  # trailing spaces go after escaping and the prefix, so a trailing literal ▁ goes too ("a▁ " -> "a")
+    if collapse:  # trailing spaces go after escaping and the prefix, so a trailing literal ▁ goes too
+        # ("a▁ " -> "a")
         norms.append(normalizers.Replace(Regex(r"▁+\z"), ""))
     tok.normalizer = normalizers.Sequence(norms)
     dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]

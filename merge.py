@@ -47,9 +47,10 @@ def check_folders(run, out, base, overwrite):
             raise SystemExit(f"merge: {folder} exists and was not written by merge.py (no {MARKER}); move it away"
                              + (" or pass --overwrite" if folder == out else ""))
     trained = load.read_json(run, "base.json")
-    if trained and trained["fingerprint"] != load.fingerprint(base):
+    now = load.fingerprint(base) if trained else None
+    if trained and trained["fingerprint"] != now:
         raise SystemExit(f"merge: the run was trained on {trained['folder']} (fingerprint {trained['fingerprint']}), "
-                         f"but its base {base} now holds other weights (fingerprint {load.fingerprint(base)}); "
+                         f"but its base {base} now holds other weights (fingerprint {now}); "
                          "merging would fold the adapters into the wrong model")
 
 
