@@ -145,6 +145,7 @@ def write(m, out, base_folder, run, shard_bytes):
             tokens = {**load.read_json(tmp, "added_tokens.json"), **extra}
             with open(path, "w") as f:
                 json.dump(tokens, f, indent=2)
+    train.sync_folder(tmp)  # every file on disk before the swap: a crash after it leaves OUT whole
     return tmp, cast
 
 
@@ -165,8 +166,9 @@ def main(argv=None):
     ckpt = a.checkpoint or train.latest_checkpoint(a.run)
     if not ckpt:
         raise FileNotFoundError(f"{a.run}: no checkpoint to merge")
-    if not os.path.isfile(os.path.join(ckpt, train.TRAINABLE)):
-        raise FileNotFoundError(f"{ckpt}: no {train.TRAINABLE} (merge.py loads no pickle)")
+    fault = train.checkpoint_fault(ckpt, [train.TRAINABLE])  # missing, truncated or a pickle: the file, the cause
+    if fault:
+        raise SystemExit(f"merge: checkpoint {ckpt} is damaged: {fault}; pass another with --checkpoint")
     state = load_file(os.path.join(ckpt, train.TRAINABLE))
     m = rebuild(run_cfg, state, a.device)
     ids, vision = probe(m)
@@ -191,6 +193,7 @@ def main(argv=None):
             shutil.rmtree(a.out + ".old")
         os.replace(a.out, a.out + ".old")
     os.replace(tmp, a.out)
+    train.fsync(os.path.dirname(os.path.abspath(a.out)))  # the swap itself on disk before the old OUT goes
     shutil.rmtree(a.out + ".old", ignore_errors=True)
     return err
 

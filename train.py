@@ -5,8 +5,9 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py CONFIG
 
 A run folder holds config.json (the resolved config), metrics.jsonl, and checkpoints/step_N (trainable weights,
-optimizer, scheduler, step, data position, RNG states), each written under a temporary name and then renamed; a
-run resumes from its latest checkpoint by itself. `python merge.py RUN OUT` folds the result into a checkpoint.
+optimizer, scheduler, step, data position, RNG states; the last keep_last), each written under a temporary name,
+synced and renamed; a run resumes from its latest checkpoint by itself, and a finished one run again does nothing.
+`python merge.py RUN OUT` folds the result into a checkpoint.
 """
 import ast
 import dataclasses
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -69,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
+    keep_last: int = 3  # checkpoints kept: each new one removes the older ones beyond the last keep_last (0 = all)
     dist_timeout_min: int = 30
     # LoRA, and the modules trained in full
     lora_llm_r: int = 0  # LoRA rank on the language model (0 = none)
@@ -310,9 +314,42 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
 
 
+def fsync(path):
+    """A file's bytes, or a folder's names (a rename in it is on disk once the folder is synced), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def sync_folder(folder):
+    """A folder written under a temporary name, before its rename: each of its files, then the folder itself."""
+    for name in os.listdir(folder):
+        fsync(os.path.join(folder, name))
+    fsync(folder)
+
+
+def write_atomic(path, text):
+    """path holds the old text or the new, never a part of one: written to path.tmp, synced, renamed over path."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    fsync(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    fsync(os.path.dirname(path) or ".")
+
+
+CHECKPOINT_FILES = (TRAINABLE, "optimizer.safetensors", "state.json")  # a checkpoint: these three files, no other
+
+
+def checkpoints(folder):
+    """The step_NNNNNNN folders in folder (a run's checkpoints/), oldest first."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [os.path.join(folder, d) for d in sorted(names) if re.fullmatch(r"step_\d{7}", d)]
+
+
 def save_checkpoint(run, m, opt, sched, step, position, rank):
     """No pickle: trainable.safetensors (the trained and new tensors), optimizer.safetensors (Adam's moments and step
-    per parameter name, `NAME::KEY`), state.json (step, data position, scheduler, param groups, every rank's RNG)."""
+    per parameter name, `NAME::KEY`), state.json (step, data position, scheduler, param groups, every rank's RNG),
+    synced before the rename and its parent after; then the checkpoints before the run's last keep_last go."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     model_sd, opt_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     names = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.new_tensors)
@@ -327,19 +364,48 @@ def save_checkpoint(run, m, opt, sched, step, position, rank):
         save_file({k: v.contiguous() for k, v in model_sd.items() if k in names}, os.path.join(tmp, TRAINABLE))
         moments = {f"{n}::{k}": v.contiguous() for n, s in opt_sd["state"].items() for k, v in s.items()}
         save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(step=step, position=position, scheduler=sched.state_dict(),
-                           param_groups=opt_sd["param_groups"], rng=rngs), f)
+        write_atomic(os.path.join(tmp, "state.json"), json.dumps(dict(
+            step=step, position=position, scheduler=sched.state_dict(), param_groups=opt_sd["param_groups"], rng=rngs)))
+        sync_folder(tmp)
         os.replace(tmp, final)  # a checkpoint exists whole or not at all
+        fsync(os.path.dirname(final))
+        keep = load.read_json(run, "config.json").get("keep_last", TrainConfig.keep_last)  # as write_run wrote it
+        ours = [c for c in checkpoints(os.path.dirname(final)) if sorted(os.listdir(c)) == sorted(CHECKPOINT_FILES)]
+        for old in ours[:-keep] if keep else []:  # only folders as train.py writes them: a user's added file keeps one
+            shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
 
 
 def latest_checkpoint(run):
-    folder = os.path.join(run, "checkpoints")
-    done = sorted(d for d in os.listdir(folder) if d.startswith("step_") and not d.endswith(".tmp")) \
-        if os.path.isdir(folder) else []
-    return os.path.join(folder, done[-1]) if done else None
+    done = checkpoints(os.path.join(run, "checkpoints"))
+    return done[-1] if done else None
+
+
+def checkpoint_fault(ckpt, names=CHECKPOINT_FILES):
+    """Why checkpoint folder ckpt does not load (the file and the cause), or None: each file of `names` is there and
+    reads (a safetensors header covers its whole file: a truncated one does not)."""
+    for name in names:
+        path = os.path.join(ckpt, name)
+        try:
+            with open(path, "rb") as f:
+                json.load(f) if name.endswith(".json") else safe_open(path, "pt")
+        except (OSError, ValueError, SafetensorError) as e:
+            pickle = os.path.exists(os.path.join(ckpt, "trainable.pt"))  # an older version's: train.py loads no pickle
+            return f"{path}: {type(e).__name__}: {e}" + (" (a pickle checkpoint: train.py loads no pickle)" * pickle)
+
+
+def read_state(ckpt):
+    """state.json of checkpoint ckpt once every file of it reads; else stop, naming the file and the cause and the
+    previous whole checkpoint to resume from (nothing is deleted or repaired: the run stops, the user decides)."""
+    fault = checkpoint_fault(ckpt)
+    if fault:
+        whole = [c for c in checkpoints(os.path.dirname(ckpt)) if os.path.basename(c) < os.path.basename(ckpt)
+                 and not checkpoint_fault(c)]
+        raise SystemExit(f"checkpoint {ckpt} is damaged: {fault}; " + (
+            f"to resume from the previous whole checkpoint {whole[-1]}, pass --resume={whole[-1]} (the later "
+            "checkpoints then move to checkpoints/abandoned/)" if whole else "no earlier whole checkpoint"))
+    return load.read_json(ckpt, "state.json")
 
 
 def load_checkpoint(path, m, opt, sched, rank):
@@ -401,8 +467,9 @@ def seed_all(seed):
 
 
 # what may differ when a run folder is run again: where it lies, how long it goes on (the schedule is recomputed for the
-# new total), how often it logs and saves, data workers, the process-group timeout, an explicit checkpoint to resume
-RESUMABLE = ("out", "max_steps", "save_every", "log_every", "num_workers", "dist_timeout_min", "resume")
+# new total), how often it logs and saves, how many checkpoints it keeps, data workers, the process-group timeout, an
+# explicit checkpoint to resume
+RESUMABLE = ("out", "max_steps", "save_every", "keep_last", "log_every", "num_workers", "dist_timeout_min", "resume")
 
 
 def check_rerun(cfg):
@@ -418,14 +485,14 @@ def check_rerun(cfg):
 
 
 def write_run(cfg, tok, folder):
-    """The run folder with the resolved config (also printed) and the tokenizer as trained (with any added token)."""
+    """The run folder with the resolved config (also printed) and the tokenizer as trained (with any added token),
+    each file written whole or not at all."""
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    with open(os.path.join(cfg.out, "base.json"), "w") as f:
-        # the base folder the adapters belong to: merge.py refuses to fold them into any other
-        json.dump(dict(folder=os.path.abspath(folder), fingerprint=load.fingerprint(folder)), f, indent=2)
-    tok.save(os.path.join(cfg.out, "tokenizer.json"))
+    write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+    # the base folder the adapters belong to: merge.py refuses to fold them into any other
+    write_atomic(os.path.join(cfg.out, "base.json"), json.dumps(dict(folder=os.path.abspath(folder),
+                                                                     fingerprint=load.fingerprint(folder)), indent=2))
+    write_atomic(os.path.join(cfg.out, "tokenizer.json"), tok.to_str(pretty=True))
     print(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -468,17 +535,31 @@ def make_optimizer(m, params, cfg, total, device):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
 
 
-def resume_run(cfg, m, opt, sched, rank):
-    """(step, data position) of cfg.resume or else the run's latest checkpoint, if any; metrics.jsonl is cut back."""
+def resume_point(cfg):
+    """(checkpoint, its state.json) to resume from: cfg.resume, else the run's latest; (None, None) for a new run."""
     ckpt = cfg.resume or latest_checkpoint(cfg.out)
-    if not ckpt:
-        return 0, 0
-    step, position = load_checkpoint(ckpt, m, opt, sched, rank)
+    return (ckpt, read_state(ckpt)) if ckpt else (None, None)
+
+
+def resume_run(cfg, ckpt, m, opt, sched, rank):
+    """(step, data position) of checkpoint ckpt (None: a new run, step 0). The run's later checkpoints belong to a
+    continuation given up (an earlier --resume): they move to checkpoints/abandoned/N/, never deleted. metrics.jsonl
+    is cut to the steps up to the resumed one: the steps after it are run (and logged) again."""
+    step, position = load_checkpoint(ckpt, m, opt, sched, rank) if ckpt else (0, 0)
     if rank == 0:
-        print(f"resumed from {ckpt}: step {step}, sample {position}")
-        path = os.path.join(cfg.out, "metrics.jsonl")  # the steps after the checkpoint are run (and logged) again
-        kept = [line for line in open(path) if json.loads(line)["step"] <= step] if os.path.exists(path) else []
-        open(path, "w").writelines(kept)
+        root = os.path.join(cfg.out, "checkpoints")
+        later = [c for c in checkpoints(root) if os.path.basename(c) > f"step_{step:07d}"]
+        if later:
+            away = os.path.join(root, "abandoned", f"{time.strftime('%Y%m%d-%H%M%S')}_resumed_at_{step:07d}")
+            os.makedirs(away)  # new: an existing folder is an error, never merged into
+            for c in later:
+                os.replace(c, os.path.join(away, os.path.basename(c)))
+            print(f"resuming at step {step}: the later checkpoints {[os.path.basename(c) for c in later]} -> {away}")
+        print(f"resumed from {ckpt}: step {step}, sample {position}" if ckpt else f"{cfg.out}: no checkpoint, step 0")
+        path = os.path.join(cfg.out, "metrics.jsonl")
+        lines = open(path).readlines() if os.path.exists(path) else []
+        # a line without its newline is a record cut by a kill: its step came after every checkpoint
+        write_atomic(path, "".join(line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step))
     return step, position
 
 
@@ -585,17 +666,23 @@ def main(argv):
     check_rerun(cfg)
     m = build_model(cfg, tok, device)
     seed_all(cfg.seed + rank)  # dropout and drop-path: each rank its own draws
-    if rank == 0:
-        write_run(cfg, tok, folder)
     ds = build_dataset(cfg, tok, m.cfg)
     if rank == 0:
         print_skipped(ds.skipped)
-    total = total_steps(cfg, ds)
+    total = total_steps(cfg, ds)  # the data decides it (epochs): known only now, and nothing is written before
+    ckpt, state = resume_point(cfg)
+    if state and state["step"] >= total:  # a finished run run again: said, and the folder left as it is
+        if rank == 0:
+            print(f"{cfg.out} is finished: {ckpt} is step {state['step']} of {total}; nothing to do")
+        end_distributed(distributed)
+        return
+    if rank == 0:
+        write_run(cfg, tok, folder)
     if distributed:
         m = shard(m, cfg, device)
     params = [p for p in m.parameters() if p.requires_grad]
     opt, sched = make_optimizer(m, params, cfg, total, device)
-    step, position = resume_run(cfg, m, opt, sched, rank)
+    step, position = resume_run(cfg, ckpt, m, opt, sched, rank)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and not distributed)  # FSDP2 casts itself
     fpt, peak = flops_per_token(m, cfg), peak_flops(device)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
