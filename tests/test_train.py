@@ -515,6 +515,191 @@ def test_failed_merge_check_leaves_out_untouched(uninterrupted, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# 7b. run folders: a finished run run again, a kill before the first checkpoint, keep_last, fsync, a damaged
+# checkpoint, --resume to an earlier checkpoint
+
+
+def snapshot(folder):
+    """{path under folder: (mtime in ns, sha256)} of every file, and {path: None} of every folder."""
+    out = {}
+    for d, dirs, files in os.walk(folder):
+        out.update({os.path.relpath(os.path.join(d, x), folder): None for x in dirs})
+        for x in files:
+            p = os.path.join(d, x)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, folder)] = (os.stat(p).st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+def steps_logged(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def test_rerun_of_a_finished_run_says_so_and_touches_nothing(meta, tmp_path, capsys):
+    # max_steps=0: the data decides the total (24 samples / 12 a step = 2 steps), so the check follows build_dataset
+    args = train_args("fusion", fixture("mpgui_tiny"), meta, str(tmp_path / "run"), *SHRINK, "--max_steps=0",
+                      "--global_batch=12", "--micro_batch=6")
+    train.main(args)
+    out = str(tmp_path / "run")
+    assert steps_logged(out) == [1, 2]
+    before = snapshot(out)
+    capsys.readouterr()
+    train.main(args)  # returns: exit code 0
+    assert f"{out} is finished: {checkpoint(out, 2)} is step 2 of 2; nothing to do" in capsys.readouterr().out
+    assert snapshot(out) == before  # config.json, base.json, tokenizer.json, metrics.jsonl: not even rewritten
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(meta, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    args = train_args("fusion", fixture("mpgui_tiny"), meta, out, *SHRINK)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed before the first checkpoint")
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args)
+    first = losses(out)
+    assert steps_logged(out) == [1, 2] and train.latest_checkpoint(out) is None
+    train.main(args)  # no checkpoint: from step 0, metrics.jsonl cut to nothing first
+    assert steps_logged(out) == [1, 2] and losses(out) == first
+
+
+def test_keep_last_removes_only_older_checkpoints_train_wrote(meta, tmp_path, monkeypatch):
+    real = train.save_checkpoint
+
+    def save_then_annotate(run, m, opt, sched, step, *rest):  # a user's note in step 1: no longer only train.py's
+        real(run, m, opt, sched, step, *rest)
+        if step == 1:
+            with open(os.path.join(checkpoint(run, 1), "notes.txt"), "w") as f:
+                f.write("keep this one")
+    monkeypatch.setattr(train, "save_checkpoint", save_then_annotate)
+    for keep, kept in ((2, [1, 4, 5]), (0, [1, 2, 3, 4, 5])):
+        out = str(tmp_path / f"keep{keep}")
+        train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *SHRINK, "--max_steps=5", "--save_every=1",
+                              f"--keep_last={keep}"))
+        assert os.listdir(os.path.join(out, "checkpoints")) and train.checkpoints(os.path.join(out, "checkpoints")) \
+            == [checkpoint(out, s) for s in kept], keep
+        assert sorted(os.listdir(checkpoint(out, 1))) == sorted([*train.CHECKPOINT_FILES, "notes.txt"])
+
+
+class Recorder:
+    """os.fsync and os.replace calls, in order, as ("fsync", real path) and ("replace", real src, real dst)."""
+
+    def __init__(self, monkeypatch):
+        self.events, fsync, replace = [], os.fsync, os.replace
+
+        def record_fsync(fd):
+            self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+            return fsync(fd)
+
+        def record_replace(src, dst):
+            self.events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+            return replace(src, dst)
+        monkeypatch.setattr(os, "fsync", record_fsync)
+        monkeypatch.setattr(os, "replace", record_replace)
+
+    def ordered(self, *groups):
+        """Each event was recorded after all of the group before it; a group (a list) in any order within itself."""
+        start = 0
+        for g in groups:
+            real = [(e[0], *map(os.path.realpath, e[1:])) for e in (g if isinstance(g, list) else [g])]
+            if not all(e in self.events[start:] for e in real):
+                return False
+            start = max(self.events.index(e, start) for e in real) + 1
+        return True
+
+
+def test_checkpoint_and_run_files_are_synced_around_their_rename(meta, tmp_path, monkeypatch):
+    rec = Recorder(monkeypatch)
+    out = str(tmp_path / "run")
+    train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *SHRINK, "--max_steps=1"))
+    final = checkpoint(out, 1)
+    tmp = final + ".tmp"
+    state = os.path.join(tmp, "state.json")
+    assert rec.ordered(("fsync", state + ".tmp"), ("replace", state + ".tmp", state))
+    assert rec.ordered([("fsync", os.path.join(tmp, f)) for f in train.CHECKPOINT_FILES], ("fsync", tmp),
+                       ("replace", tmp, final), ("fsync", os.path.join(out, "checkpoints")))
+    for name in ("config.json", "base.json", "tokenizer.json", "metrics.jsonl"):  # metrics.jsonl: the resume cut
+        path = os.path.join(out, name)
+        assert rec.ordered(("fsync", path + ".tmp"), ("replace", path + ".tmp", path), ("fsync", out)), name
+
+
+def test_merge_syncs_its_files_before_the_swap(tmp_path, monkeypatch):
+    run, _ = qwen_run(str(tmp_path), fixture("qwen2_vl_tiny"))
+    out = str(tmp_path / "merged")
+    rec = Recorder(monkeypatch)
+    merge.main([run, out])
+    files = [("fsync", os.path.join(out + ".tmp", f)) for f in sorted(os.listdir(out))]
+    assert files and rec.ordered(files, ("fsync", out + ".tmp"), ("replace", out + ".tmp", out),
+                                 ("fsync", str(tmp_path)))
+
+
+def cut_in_half(path):
+    with open(path, "rb") as f:
+        b = f.read()
+    with open(path, "wb") as f:
+        f.write(b[:len(b) // 2])
+
+
+DAMAGES = {"trainable.safetensors cut in half": (lambda c: cut_in_half(os.path.join(c, train.TRAINABLE)),
+                                                 train.TRAINABLE, "incomplete metadata"),
+           "state.json truncated": (lambda c: cut_in_half(os.path.join(c, "state.json")), "state.json",
+                                    "JSONDecodeError"),
+           "optimizer.safetensors missing": (lambda c: os.remove(os.path.join(c, "optimizer.safetensors")),
+                                             "optimizer.safetensors", "FileNotFoundError")}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_latest_checkpoint_is_named_with_the_flag_to_resume_from_the_previous(
+        damage, meta, uninterrupted, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, out)
+    hurt, name, cause = DAMAGES[damage]
+    hurt(checkpoint(out, 4))
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(resume_args(meta, out))
+    msg = str(e.value)
+    assert f"checkpoint {checkpoint(out, 4)} is damaged: {os.path.join(checkpoint(out, 4), name)}: " in msg
+    assert cause in msg and msg.endswith(f"pass --resume={checkpoint(out, 2)} (the later checkpoints then move to "
+                                         "checkpoints/abandoned/)")
+    assert snapshot(out) == before  # nothing written, the damaged checkpoint kept as it is
+    if damage == "trainable.safetensors cut in half":  # the advice followed: the run finishes as if never damaged
+        train.main(resume_args(meta, out) + [f"--resume={checkpoint(out, 2)}"])
+        assert max_rel_state(trainable(out, 4), trainable(uninterrupted, 4)) <= RESUME_TOL
+
+
+def test_merge_names_a_damaged_checkpoint(tmp_path):
+    run, _ = qwen_run(str(tmp_path), fixture("qwen2_vl_tiny"))
+    cut_in_half(os.path.join(checkpoint(run, 1), train.TRAINABLE))
+    with pytest.raises(SystemExit, match=f"{os.path.join(checkpoint(run, 1), train.TRAINABLE)}: SafetensorError"):
+        merge.main([run, str(tmp_path / "merged")])
+
+
+@pytest.fixture(scope="module")
+def six(meta, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("six") / "run")
+    train.main(resume_args(meta, out) + ["--max_steps=6"])  # checkpoints at 2, 4, 6
+    return out
+
+
+def test_resume_from_an_earlier_checkpoint_moves_the_later_ones_aside(meta, six, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(six, out)
+    later = {s: file_digests(checkpoint(out, s)) for s in (4, 6)}
+    train.main(resume_args(meta, out) + ["--max_steps=6", f"--resume={checkpoint(out, 2)}"])
+    assert "the later checkpoints ['step_0000004', 'step_0000006'] -> " in capsys.readouterr().out
+    (away,) = os.listdir(os.path.join(out, "checkpoints", "abandoned"))
+    away = os.path.join(out, "checkpoints", "abandoned", away)
+    assert {s: file_digests(os.path.join(away, f"step_{s:07d}")) for s in (4, 6)} == later  # kept, not deleted
+    assert train.checkpoints(os.path.join(out, "checkpoints")) == [checkpoint(out, s) for s in (2, 4, 6)]
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6] and losses(out) == losses(six)
+    assert max_rel_state(trainable(out, 6), trainable(six, 6)) <= RESUME_TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # 7. a non-finite loss stops the run and names the last good checkpoint
 
 
@@ -560,7 +745,8 @@ def test_config_override_accepted(tmp_path, override, value):
     ("--lr=[1]", TypeError), ("--max_steps=3.5", TypeError), ("--max_steps=x", TypeError), ("--datasets=a", TypeError),
     ("--betas=(0.9,0.95)", TypeError), ("--nope=1", KeyError), ("lr=1", ValueError), ("--lr", ValueError),
     ("--max_steps=True", TypeError), ("--schedule=cosin", ValueError), ("--mpgui_mode=textal", ValueError),
-    ("--warmup_ratio=2.0", ValueError), ("--micro_batch=0", ValueError), ("--lm_skip_ratio=-0.1", ValueError)])
+    ("--warmup_ratio=2.0", ValueError), ("--micro_batch=0", ValueError), ("--lm_skip_ratio=-0.1", ValueError),
+    ("--keep_last=-1", ValueError), ("--keep_last=1.5", TypeError)])
 def test_config_override_rejected(tmp_path, override, error):
     with pytest.raises(error):
         train.load_config(config_file(tmp_path), [override])
@@ -608,7 +794,7 @@ def test_rerun_with_another_config_is_refused(tmp_path):
     os.makedirs(cfg.out)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f)
-    train.check_rerun(dataclasses.replace(cfg, max_steps=30, save_every=5, num_workers=0))  # going on: allowed
+    train.check_rerun(dataclasses.replace(cfg, max_steps=30, save_every=5, keep_last=0, num_workers=0))  # allowed
     with pytest.raises(SystemExit, match=r"another config \(lr: 0.0006 there, 0.0005 now; schedule: 'linear' there, "
                                          r"'cosine' now\); to start a new run, pass another --out"):
         train.check_rerun(dataclasses.replace(cfg, max_steps=30, lr=5e-4, schedule="cosine"))
