@@ -303,7 +303,7 @@ def load_report(ds):
     for f in dict.fromkeys(f for f, _ in kept):
         where = [i for g, i in kept if g == f]
         out.append(f"kept {len(where)} records in {f} whose first message has the role 'system' that its tags do not "
-                   f"name, as the system turn (keep_untagged_system): at {where[:10]}{' ...' if len(where) > 10 else ''}")
+                   f"name, as the system turn (keep_untagged_system): at {where[:10]}" + " ..." * (len(where) > 10))
     return out
 
 
