@@ -218,20 +218,24 @@ def build_dataset(cfg, tok, model_cfg):
     if internvl and cfg.lm_skip_ratio > 0:
         raise ValueError(f"lm_skip_ratio {cfg.lm_skip_ratio}: UI-guided token selection is ShowUI's, for Qwen2-VL "
                          f"bases; {cfg.base} is {model_cfg.arch}")
+    common = (tok, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
     if internvl:
-        return formats.InternVLDataset(
+        ds = formats.InternVLDataset(
             cfg.meta, tok, model_cfg.template, model_cfg.num_image_token, model_cfg.vit_image_size, cfg.max_tiles,
             cfg.max_length, data.EXTRA_CONTEXT if model_cfg.is_mpgui else None,
             point_prefix=formats.VLASER_POINT_PREFIX if cfg.data_format == "vlaser" else None)
-    common = (tok, cfg.min_pixels, cfg.max_pixels, cfg.max_length)
-    if cfg.data_format == "showui_grounding":
-        return formats.ShowUIGrounding(cfg.data_dir, cfg.datasets, *common, cfg.num_turn, cfg.crop_min, cfg.crop_max,
-                                        cfg.xy_int)
-    if cfg.data_format == "showui_navigation":
-        return formats.ShowUINavigation(cfg.data_dir, cfg.datasets, *common, cfg.num_history, cfg.interleaved_history,
-                                         cfg.num_turn)
-    return formats.LlamaFactoryDataset(cfg.data_dir, cfg.datasets, *common, cfg.image_max_pixels, cfg.media_dir,
-                                        cfg.max_samples)
+    elif cfg.data_format == "showui_grounding":
+        ds = formats.ShowUIGrounding(cfg.data_dir, cfg.datasets, *common, cfg.num_turn, cfg.crop_min, cfg.crop_max,
+                                     cfg.xy_int)
+    elif cfg.data_format == "showui_navigation":
+        ds = formats.ShowUINavigation(cfg.data_dir, cfg.datasets, *common, cfg.num_history, cfg.interleaved_history,
+                                      cfg.num_turn)
+    else:
+        ds = formats.LlamaFactoryDataset(cfg.data_dir, cfg.datasets, *common, cfg.image_max_pixels, cfg.media_dir,
+                                         cfg.max_samples)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print_skipped([], formats.load_report(ds))  # per file: skipped of read, at load
+    return ds
 
 
 def vision_inputs(b, m, distributed, device):
@@ -496,10 +500,12 @@ def write_run(cfg, tok, folder):
     print(json.dumps(dataclasses.asdict(cfg)))
 
 
-def print_skipped(skipped):
-    """One line per skipped sample (file, line, reason); line: a jsonl line (from 1) or a JSON record (from 0)."""
-    for file, line, reason in skipped:
-        print(f"skip {file}:{line}: {reason}")
+def print_skipped(skipped, notes=()):
+    """One line per skipped sample (file, line, reason); line: a jsonl line (from 1) or a JSON record (from 0). A lone
+    surrogate or a byte the console cannot show is printed as a backslash escape, never a crash."""
+    enc = sys.stdout.encoding or "utf-8"
+    for text in [f"skip {file}:{line}: {reason}" for file, line, reason in skipped] + list(notes):
+        print(text.encode(enc, "backslashreplace").decode(enc))
 
 
 def total_steps(cfg, ds):

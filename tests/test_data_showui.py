@@ -268,9 +268,8 @@ def test_navigation_answers_and_action_spaces(tmp_path, qtok):
         "{'action': 'COPY', 'value': 'hello', 'position': None}<|im_end|>"]
     assert "website screen" in text_of(qtok, ds[0]["input_ids"]) and "`COPY`" in text_of(qtok, ds[0]["input_ids"])
     why = {i: r for f, i, r in ds.skipped}
-    assert sorted(why) == [1, 2] and "web-multi action space" in why[1] and "absent.png" in why[2]
-    bad = ds[1]  # record 3: a point of the wrong kind fails when the sample is built, reported the same way
-    assert bad["skip"][:2] == (meta, 3) and "cannot encode" in bad["skip"][2]
+    assert sorted(why) == [1, 2, 3] and "web-multi action space" in why[1] and "absent.png" in why[2]
+    assert why[3] == "step: CLICK point str 'x' is not [x, y] with numbers in 0..1"  # checked at load, as grounding
     with pytest.raises(ValueError, match="unknown split"):
         formats.ShowUINavigation(d, ["guiact:hf_train_desktop"], qtok, MIN_PIX, MAX_PIX, 8192)
     with pytest.raises(ValueError, match="vvvv"):
@@ -318,8 +317,14 @@ def test_llamafactory_qwen2_vl_template(tmp_path):
         # LLaMA-Factory supervises every assistant message with its format's "<|im_end|>\n"
         assert supervised(tok, s) == ["[0.5, 0.9]<|im_end|>\n", "[0.1, 0.2]<|im_end|>\n"]
         assert s["image_grid_thw"].tolist() == [[1, 10, 14], [1, 6, 8]]  # images in <image> order
-        assert text_of(tok, ds[1]["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-        assert ds[1]["pixel_values"] is None and ds[1]["image_grid_thw"] is None
+        # TongUI's tags name no system_tag: LLaMA-Factory leaves it unset and drops a record that opens with "system"
+        where = 2 if file_name.endswith(".jsonl") else 1  # jsonl: line 2 (from 1); json: record 1 (from 0)
+        assert len(ds) == 1 and [(i, "keep_untagged_system" in r) for _, i, r in ds.skipped] == [(where, True)]
+        kept = formats.LlamaFactoryDataset(d, ["tongui-tiny"], tok, MIN_PIX, MAX_PIX, 8192, keep_untagged_system=True)
+        assert kept.skipped == [] and kept.untagged_system == [(kept.samples[1][0], where)]
+        assert text_of(tok, kept[1]["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+        assert kept[1]["pixel_values"] is None and kept[1]["image_grid_thw"] is None
+        assert "kept 1 records" in formats.load_report(kept)[-1] and f"at [{where}]" in formats.load_report(kept)[-1]
 
 
 def test_llamafactory_malformed_records_and_info(tmp_path, qtok):
