@@ -105,7 +105,8 @@ class TrainConfig:
     # LLaMA-Factory data
     media_dir: str = ""  # where relative image paths are found first ("" = data_dir)
     max_samples: int = 0  # the first records kept per dataset (0 = all)
-    image_max_pixels: int = 0  # shrink each image to this area before smart_resize (0 = off)
+    image_max_pixels: int = 768 * 768  # shrink each image to this area before smart_resize (0 = off), as upstream
+    keep_untagged_system: bool = False  # a leading system message under tags without system_tag: upstream drops it
     # token selection: ShowUI's UI-guided selection, copied into the model config (model.py)
     lm_skip_layer: str = "[1,28,0]"
     lm_skip_ratio: float = 0.0
@@ -232,7 +233,7 @@ def build_dataset(cfg, tok, model_cfg):
                                       cfg.num_turn)
     else:
         ds = formats.LlamaFactoryDataset(cfg.data_dir, cfg.datasets, *common, cfg.image_max_pixels, cfg.media_dir,
-                                         cfg.max_samples)
+                                         cfg.max_samples, cfg.keep_untagged_system)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print_skipped([], formats.load_report(ds))  # per file: skipped of read, at load
     return ds
