@@ -638,7 +638,7 @@ def main(argv):
         if n_tok == 0:  # every sample skipped, on every rank (all-reduced): no forward, no step; its skips count next
             empty += 1
             if rank == 0:
-                print(f"no update: every sample of the global batch before sample {position} was skipped")
+                print(f"no update: every sample of the global batch ending at sample {position} was skipped")
             if empty == len(ds) // cfg.global_batch:  # an epoch's worth in a row: the data is all skipped
                 raise RuntimeError(f"{empty} global batches in a row (to sample {position}) had every sample skipped")
             continue
