@@ -584,6 +584,23 @@ def rank_slice(order, start, micro_index, world, rank, mb):
     return order[start + k * mb:start + (k + 1) * mb]
 
 
+class Seeded(torch.utils.data.Dataset):
+    """ds read at (epoch, index) keys with Python's `random` (the readers' crop and turn draws; none draws from NumPy's
+    or torch's) seeded from (seed, epoch, index) alone, then restored: a sample's draws are the same whichever worker
+    reads it, at any world size, resumed or not (saved worker states would tie them to num_workers and worker order)."""
+
+    def __init__(self, ds, seed):
+        self.ds, self.seed = ds, seed
+
+    def __getitem__(self, key):  # (epoch, index), from loader's batch_sampler
+        state = random.getstate()
+        random.seed(f"{self.seed}:{key[0]}:{key[1]}")  # a str seed is hashed by SHA-512: the same in every process
+        try:
+            return self.ds[key[1]]
+        finally:
+            random.setstate(state)
+
+
 def loader(ds, cfg, world, rank, pad, position):
     """Yields (global sample position after the step, this rank's `accum` collated micro-batches), step after step,
     from `position` on. Each global batch is a slice of the epoch's order, dealt out by rank_slice; an epoch's ragged
@@ -593,11 +610,11 @@ def loader(ds, cfg, world, rank, pad, position):
     while True:
         epoch, start = divmod(position, n)
         order = step_order(n, cfg, ds.lengths, epoch)
-        plan = [(epoch * n + s + gb, rank_slice(order, s, a, world, rank, mb))
+        plan = [(epoch * n + s + gb, [(epoch, i) for i in rank_slice(order, s, a, world, rank, mb)])
                 for s in range(start, n - gb + 1, gb) for a in range(accum)]
         if plan:
             it = iter(torch.utils.data.DataLoader(  # its own generator: the global RNG (dropout) stays untouched
-                ds, batch_sampler=[idx for _, idx in plan], num_workers=cfg.num_workers,
+                Seeded(ds, cfg.seed), batch_sampler=[idx for _, idx in plan], num_workers=cfg.num_workers,
                 collate_fn=functools.partial(data.collate, pad_id=pad), generator=torch.Generator().manual_seed(epoch)))
             for k in range(accum - 1, len(plan), accum):
                 yield plan[k][0], [next(it) for _ in range(accum)]
@@ -605,12 +622,12 @@ def loader(ds, cfg, world, rank, pad, position):
 
 
 def target_tokens(micro, device, distributed):
-    """The global batch's target tokens (labels but the first, not -100), all ranks': the loss is their mean."""
-    n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"]
-                                   is not None)), device=device)
+    """(target tokens (labels but the first, not -100), skipped samples) of the global batch, all ranks'."""
+    n = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["input_ids"] is not None)),
+                      float(sum(len(b["skipped"]) for b in micro))], device=device)
     if distributed:
-        dist.all_reduce(n_tok)
-    return n_tok
+        dist.all_reduce(n)
+    return n[0], int(n[1])
 
 
 def summed_loss(m, kw, chunked):
@@ -633,19 +650,27 @@ def global_loss(loss_sum, n_tok, distributed, step, run):
     return loss
 
 
-def step_record(step, loss, lr, norm, micro, t0, t_data, world, fpt, peak, device):
-    """A step's metrics.jsonl record; t0: when the step began. Tokens (padding excluded) count all ranks'."""
+def blank_batch(pad):
+    """Run under FSDP for a micro-batch whose samples were all skipped (a rank that skipped the model would leave the
+    others waiting in its units' collectives): two padding tokens, one a target, for a loss the caller zeroes."""
+    ids = torch.full((1, 2), pad)
+    return dict(input_ids=ids, labels=torch.tensor([[-100, pad]]), attention_mask=torch.ones_like(ids),
+                pixel_values=None, image_grid_thw=None)
+
+
+def step_record(step, loss, lr, norm, micro, t0, t_data, world, fpt, peak, skipped):
+    """A step's metrics.jsonl record; t0: when the step began. Tokens (padding excluded) count all ranks'; skipped:
+    all ranks' skipped samples since the last step."""
     dt = time.time() - t0
     tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["input_ids"] is not None) * world
     return dict(step=step, loss=loss, lr=lr, grad_norm=float(norm), tokens=tokens, data_wait_s=t_data,
                 tok_per_s=tokens / dt, mfu=fpt * tokens / dt / (peak * world) if peak else None,
-                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                skipped=sum(len(b["skipped"]) for b in micro))
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                skipped=skipped)
 
 
-def report_step(rec, micro, log, bar, log_every):
-    """Rank 0: the step's skipped samples, its metrics.jsonl line (flushed), every log_every steps the bar's figures."""
-    print_skipped(s for b in micro for s in b["skipped"])
+def report_step(rec, log, bar, log_every):
+    """Rank 0: the step's metrics.jsonl line (flushed), every log_every steps the bar's figures."""
     log.write(json.dumps(rec) + "\n")
     log.flush()
     if rec["step"] % log_every == 0:
@@ -696,21 +721,31 @@ def main(argv):
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.out))
     batches = loader(ds, cfg, world, rank, m.cfg.pad_token_id, position)
     m.train()
+    empty, skipped = 0, 0  # global batches in a row without a target token; all ranks' skips since the last step
     while step < total:
         t0 = time.time()
         position, micro = next(batches)
         t_data = time.time() - t0
-        n_tok = target_tokens(micro, device, distributed)
+        print_skipped(s for b in micro for s in b["skipped"])  # every rank its own
+        n_tok, n_skipped = target_tokens(micro, device, distributed)
+        skipped += n_skipped
+        if n_tok == 0:  # every sample skipped, on every rank (all-reduced): no forward, no step; its skips count next
+            empty += 1
+            if rank == 0:
+                print(f"no update: every sample of the global batch ending at sample {position} was skipped")
+            if empty == len(ds) // cfg.global_batch:  # an epoch's worth in a row: the data is all skipped
+                raise RuntimeError(f"{empty} global batches in a row (to sample {position}) had every sample skipped")
+            continue
         loss_sum = torch.zeros((), device=device)
-        for b in micro:
-            if b["input_ids"] is None:  # every sample of this micro-batch was skipped
-                continue
-            b, vision = vision_inputs(b, m, distributed, device)
+        for b in micro if distributed else [b for b in micro if b["input_ids"] is not None]:
+            blank = b["input_ids"] is None  # all its samples skipped: one process passes it by, FSDP runs a blank one
+            b, vision = vision_inputs(blank_batch(m.cfg.pad_token_id) if blank else b, m, distributed, device)
             kw = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "labels")} | vision
             kw = m.pack(**kw) if cfg.pack else kw
             with autocast:
                 loss = summed_loss(m, kw, cfg.chunked_loss)
-            (loss / n_tok.clamp(min=1) * world).backward()  # FSDP averages over ranks: world * mean = global sum
+            loss = loss * 0 if blank else loss  # a blank batch: every unit's graph, no loss and zero gradients
+            (loss / n_tok * world).backward()  # FSDP averages over ranks: world * mean = global sum
             loss_sum += loss.detach()
         loss_val = global_loss(loss_sum, n_tok, distributed, step, cfg.out)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))  # 0: off
@@ -718,9 +753,10 @@ def main(argv):
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        rec = step_record(step, loss_val, sched.get_last_lr()[0], norm, micro, t0, t_data, world, fpt, peak, device)
+        rec = step_record(step, loss_val, sched.get_last_lr()[0], norm, micro, t0, t_data, world, fpt, peak, skipped)
+        empty, skipped = 0, 0
         if rank == 0:
-            report_step(rec, micro, log, bar, cfg.log_every)
+            report_step(rec, log, bar, cfg.log_every)
         bar.update(1)
         if step == total or (cfg.save_every and step % cfg.save_every == 0):
             save_checkpoint(cfg.out, m, opt, sched, step, position, rank)
