@@ -17,10 +17,10 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 import data
 import load
 import lora
-import train
 
 TOL = 1e-4  # fp32; the merge itself is done in fp32 whatever the storage dtype
 MARKER = "merge.json"  # in every folder merge.py writes: what it was merged from
@@ -145,7 +145,7 @@ def write(m, out, base_folder, run, shard_bytes):
             tokens = {**load.read_json(tmp, "added_tokens.json"), **extra}
             with open(path, "w") as f:
                 json.dump(tokens, f, indent=2)
-    train.sync_folder(tmp)  # every file on disk before the swap: a crash after it leaves OUT whole
+    checkpoints.sync_folder(tmp)  # every file on disk before the swap: a crash after it leaves OUT whole
     return tmp, cast
 
 
@@ -163,13 +163,13 @@ def main(argv=None):
         run_cfg = {**json.load(f), "out": a.run}  # the run may have moved
     base = load.resolve(run_cfg["base"])
     check_folders(a.run, a.out, base, a.overwrite)
-    ckpt = a.checkpoint or train.latest_checkpoint(a.run)
+    ckpt = a.checkpoint or checkpoints.latest(a.run)
     if not ckpt:
         raise FileNotFoundError(f"{a.run}: no checkpoint to merge")
-    fault = train.checkpoint_fault(ckpt, [train.TRAINABLE])  # missing, truncated or a pickle: the file, the cause
+    fault = checkpoints.fault(ckpt, [checkpoints.TRAINABLE])  # missing, truncated or a pickle: the file, the cause
     if fault:
         raise SystemExit(f"merge: checkpoint {ckpt} is damaged: {fault}; pass another with --checkpoint")
-    state = load_file(os.path.join(ckpt, train.TRAINABLE))
+    state = load_file(os.path.join(ckpt, checkpoints.TRAINABLE))
     m = rebuild(run_cfg, state, a.device)
     ids, vision = probe(m)
     ids, vision = ids.to(a.device), {k: v.to(a.device) for k, v in vision.items()}
@@ -193,7 +193,7 @@ def main(argv=None):
             shutil.rmtree(a.out + ".old")
         os.replace(a.out, a.out + ".old")
     os.replace(tmp, a.out)
-    train.fsync(os.path.dirname(os.path.abspath(a.out)))  # the swap itself on disk before the old OUT goes
+    checkpoints.fsync(os.path.dirname(os.path.abspath(a.out)))  # the swap itself on disk before the old OUT goes
     shutil.rmtree(a.out + ".old", ignore_errors=True)
     return err
 

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,12 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from tokenizers import AddedToken
 
+import checkpoints
 import data
 import formats
 import load
@@ -294,147 +291,6 @@ def peak_flops(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# checkpoints: trainable weights + optimizer + scheduler + step + data position + RNG, atomic
-
-
-TRAINABLE = "trainable.safetensors"  # in each checkpoint: the tensors the base lacks or the run trained
-
-
-def rng_state():
-    """This process's Python, NumPy, torch and CUDA generator states, as JSON-able lists."""
-    version, words, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
-    return dict(python=[version, list(words), gauss], numpy=[name, keys.tolist(), pos, has_gauss, cached],
-                torch=torch.get_rng_state().tolist(), cuda=cuda)
-
-
-def set_rng_state(s):
-    version, words, gauss = s["python"]
-    random.setstate((version, tuple(words), gauss))
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(c, dtype=torch.uint8) for c in s["cuda"]])
-
-
-def fsync(path):
-    """A file's bytes, or a folder's names (a rename in it is on disk once the folder is synced), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def sync_folder(folder):
-    """A folder written under a temporary name, before its rename: each of its files, then the folder itself."""
-    for name in os.listdir(folder):
-        fsync(os.path.join(folder, name))
-    fsync(folder)
-
-
-def write_atomic(path, text):
-    """path holds the old text or the new, never a part of one: written to path.tmp, synced, renamed over path."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    fsync(path + ".tmp")
-    os.replace(path + ".tmp", path)
-    fsync(os.path.dirname(path) or ".")
-
-
-CHECKPOINT_FILES = (TRAINABLE, "optimizer.safetensors", "state.json")  # a checkpoint: these three files, no other
-
-
-def checkpoints(folder):
-    """The step_NNNNNNN folders in folder (a run's checkpoints/), oldest first."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return [os.path.join(folder, d) for d in sorted(names) if re.fullmatch(r"step_\d{7}", d)]
-
-
-def save_checkpoint(run, m, opt, sched, step, position, rank):
-    """No pickle: trainable.safetensors (the trained and new tensors), optimizer.safetensors (Adam's moments and step
-    per parameter name, `NAME::KEY`), state.json (step, data position, scheduler, param groups, every rank's RNG),
-    synced before the rename and its parent after; then the checkpoints before the run's last keep_last go."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, opt_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    names = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.new_tensors)
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng_state()]
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng_state())
-    if rank == 0:
-        final = os.path.join(run, "checkpoints", f"step_{step:07d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in model_sd.items() if k in names}, os.path.join(tmp, TRAINABLE))
-        moments = {f"{n}::{k}": v.contiguous() for n, s in opt_sd["state"].items() for k, v in s.items()}
-        save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
-        write_atomic(os.path.join(tmp, "state.json"), json.dumps(dict(
-            step=step, position=position, scheduler=sched.state_dict(), param_groups=opt_sd["param_groups"], rng=rngs)))
-        sync_folder(tmp)
-        os.replace(tmp, final)  # a checkpoint exists whole or not at all
-        fsync(os.path.dirname(final))
-        keep = load.read_json(run, "config.json").get("keep_last", TrainConfig.keep_last)  # as write_run wrote it
-        ours = [c for c in checkpoints(os.path.dirname(final)) if sorted(os.listdir(c)) == sorted(CHECKPOINT_FILES)]
-        for old in ours[:-keep] if keep else []:  # only folders as train.py writes them: a user's added file keeps one
-            shutil.rmtree(old)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def latest_checkpoint(run):
-    done = checkpoints(os.path.join(run, "checkpoints"))
-    return done[-1] if done else None
-
-
-def checkpoint_fault(ckpt, names=CHECKPOINT_FILES):
-    """Why checkpoint folder ckpt does not load (the file and the cause), or None: each file of `names` is there and
-    reads (a safetensors header covers its whole file: a truncated one does not)."""
-    for name in names:
-        path = os.path.join(ckpt, name)
-        try:
-            with open(path, "rb") as f:
-                json.load(f) if name.endswith(".json") else safe_open(path, "pt")
-        except (OSError, ValueError, SafetensorError) as e:
-            pickle = os.path.exists(os.path.join(ckpt, "trainable.pt"))  # an older version's: train.py loads no pickle
-            return f"{path}: {type(e).__name__}: {e}" + (" (a pickle checkpoint: train.py loads no pickle)" * pickle)
-
-
-def read_state(ckpt):
-    """state.json of checkpoint ckpt once every file of it reads; else stop, naming the file and the cause and the
-    previous whole checkpoint to resume from (nothing is deleted or repaired: the run stops, the user decides)."""
-    fault = checkpoint_fault(ckpt)
-    if fault:
-        whole = [c for c in checkpoints(os.path.dirname(ckpt)) if os.path.basename(c) < os.path.basename(ckpt)
-                 and not checkpoint_fault(c)]
-        raise SystemExit(f"checkpoint {ckpt} is damaged: {fault}; " + (
-            f"to resume from the previous whole checkpoint {whole[-1]}, pass --resume={whole[-1]} (the later "
-            "checkpoints then move to checkpoints/abandoned/)" if whole else "no earlier whole checkpoint"))
-    return load.read_json(ckpt, "state.json")
-
-
-def load_checkpoint(path, m, opt, sched, rank):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    if not os.path.isfile(os.path.join(path, TRAINABLE)):
-        raise FileNotFoundError(f"{path}: no {TRAINABLE}" + (" (a pickle checkpoint of an older version: train.py "
-                                "loads no pickle; start the run again)" if os.path.exists(
-                                    os.path.join(path, "trainable.pt")) else ""))
-    weights = load_file(os.path.join(path, TRAINABLE))
-    moments = {}
-    for key, t in load_file(os.path.join(path, "optimizer.safetensors")).items():
-        name, k = key.split("::")
-        moments.setdefault(name, {})[k] = t
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    set_state_dict(m, opt, model_state_dict=weights, optim_state_dict=dict(state=moments,
-                                                                          param_groups=state["param_groups"]),
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    sched.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][rank])
-    return state["step"], state["position"]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def init_distributed(cfg):
@@ -493,11 +349,11 @@ def write_run(cfg, tok, folder):
     """The run folder with the resolved config (also printed) and the tokenizer as trained (with any added token),
     each file written whole or not at all."""
     os.makedirs(cfg.out, exist_ok=True)
-    write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+    checkpoints.write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     # the base folder the adapters belong to: merge.py refuses to fold them into any other
-    write_atomic(os.path.join(cfg.out, "base.json"), json.dumps(dict(folder=os.path.abspath(folder),
+    checkpoints.write_atomic(os.path.join(cfg.out, "base.json"), json.dumps(dict(folder=os.path.abspath(folder),
                                                                      fingerprint=load.fingerprint(folder)), indent=2))
-    write_atomic(os.path.join(cfg.out, "tokenizer.json"), tok.to_str(pretty=True))
+    checkpoints.write_atomic(os.path.join(cfg.out, "tokenizer.json"), tok.to_str(pretty=True))
     print(json.dumps(dataclasses.asdict(cfg)))
 
 
@@ -544,18 +400,18 @@ def make_optimizer(m, params, cfg, total, device):
 
 def resume_point(cfg):
     """(checkpoint, its state.json) to resume from: cfg.resume, else the run's latest; (None, None) for a new run."""
-    ckpt = cfg.resume or latest_checkpoint(cfg.out)
-    return (ckpt, read_state(ckpt)) if ckpt else (None, None)
+    ckpt = cfg.resume or checkpoints.latest(cfg.out)
+    return (ckpt, checkpoints.read_state(ckpt)) if ckpt else (None, None)
 
 
 def resume_run(cfg, ckpt, m, opt, sched, rank):
     """(step, data position) of checkpoint ckpt (None: a new run, step 0). The run's later checkpoints belong to a
     continuation given up (an earlier --resume): they move to checkpoints/abandoned/N/, never deleted. metrics.jsonl
     is cut to the steps up to the resumed one: the steps after it are run (and logged) again."""
-    step, position = load_checkpoint(ckpt, m, opt, sched, rank) if ckpt else (0, 0)
+    step, position = checkpoints.load(ckpt, m, opt, sched, rank) if ckpt else (0, 0)
     if rank == 0:
         root = os.path.join(cfg.out, "checkpoints")
-        later = [c for c in checkpoints(root) if os.path.basename(c) > f"step_{step:07d}"]
+        later = [c for c in checkpoints.listed(root) if os.path.basename(c) > f"step_{step:07d}"]
         if later:
             away = os.path.join(root, "abandoned", f"{time.strftime('%Y%m%d-%H%M%S')}_resumed_at_{step:07d}")
             os.makedirs(away)  # new: an existing folder is an error, never merged into
@@ -566,7 +422,8 @@ def resume_run(cfg, ckpt, m, opt, sched, rank):
         path = os.path.join(cfg.out, "metrics.jsonl")
         lines = open(path).readlines() if os.path.exists(path) else []
         # a line without its newline is a record cut by a kill: its step came after every checkpoint
-        write_atomic(path, "".join(line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step))
+        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+        checkpoints.write_atomic(path, "".join(kept))
     return step, position
 
 
@@ -646,7 +503,7 @@ def global_loss(loss_sum, n_tok, distributed, step, run):
     loss = (loss_sum / n_tok.clamp(min=1)).item()
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}; the last good checkpoint is "
-                                 f"{latest_checkpoint(run)}")
+                                 f"{checkpoints.latest(run)}")
     return loss
 
 
@@ -759,7 +616,7 @@ def main(argv):
             report_step(rec, log, bar, cfg.log_every)
         bar.update(1)
         if step == total or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(cfg.out, m, opt, sched, step, position, rank)
+            checkpoints.save(cfg.out, m, opt, sched, step, position, rank, cfg.keep_last)
     bar.close()
     if log:
         log.close()

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints
 import formats
 import load
 import train
@@ -59,7 +60,7 @@ def rerun_from_step_2(run, out, args):
         head = f.readlines()[:2]
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(head)
-    assert train.latest_checkpoint(out) == checkpoint(out, 2)
+    assert checkpoints.latest(out) == checkpoint(out, 2)
     train.main(args)
     return out
 
@@ -153,5 +154,5 @@ def test_every_sample_skipped_stops_the_run(meta, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     with pytest.raises(RuntimeError, match=r"^6 global batches in a row \(to sample 24\) had every sample skipped$"):
         train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *SHRINK, "--max_steps=3"))
-    assert train.latest_checkpoint(out) is None
+    assert checkpoints.latest(out) is None
     assert os.path.getsize(os.path.join(out, "metrics.jsonl")) == 0

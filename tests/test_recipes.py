@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints
 import data
 import formats
 import load
@@ -48,7 +49,7 @@ def assert_falls(run):
 def trained(run):
     """Names of the tensors the run's last checkpoint holds (what was trained)."""
     folder = os.path.join(run, "checkpoints")
-    return set(load_file(os.path.join(folder, sorted(os.listdir(folder))[-1], train.TRAINABLE)))
+    return set(load_file(os.path.join(folder, sorted(os.listdir(folder))[-1], checkpoints.TRAINABLE)))
 
 
 def screenshot(path, size, seed):
@@ -187,7 +188,7 @@ def test_tongui_text_only_micro_batch_under_fsdp_matches_one_process(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     one, two = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
     assert max(abs(a - b) / abs(b) for a, b in zip(one, two)) <= 1e-5, (one, two)
-    a, b = (load_file(os.path.join(str(tmp_path / r), "checkpoints", "step_0000003", train.TRAINABLE)) for r in
+    a, b = (load_file(os.path.join(str(tmp_path / r), "checkpoints", "step_0000003", checkpoints.TRAINABLE)) for r in
             ("one", "two"))
     # Adam scales lora_A's first, near-zero gradients to full steps, so reduction-order noise shows there: 1e-3
     assert set(a) == set(b) and max(rel_err(a[k], b[k]) for k in a) <= 1e-3

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 import data
 import load
 import lora
@@ -94,7 +95,7 @@ def checkpoint(run, step):
 
 
 def trainable(run, step):
-    return load_file(os.path.join(checkpoint(run, step), train.TRAINABLE))
+    return load_file(os.path.join(checkpoint(run, step), checkpoints.TRAINABLE))
 
 
 def fixture(name):
@@ -332,7 +333,7 @@ def resumed(meta, uninterrupted, tmp_path_factory):
         head = f.readlines()[:2]
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(head)
-    assert train.latest_checkpoint(out) == checkpoint(out, 2)
+    assert checkpoints.latest(out) == checkpoint(out, 2)
     train.main(resume_args(meta, out))
     return out
 
@@ -365,7 +366,7 @@ def qwen_run(folder, base):
     lora.add_adapters(m, 4, 8, 2, 4)
     g = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in adapters(m).items()}
-    save_file(state, os.path.join(checkpoint(run, 1), train.TRAINABLE))
+    save_file(state, os.path.join(checkpoint(run, 1), checkpoints.TRAINABLE))
     assert set(state) == set(adapters(m))
     m.load_state_dict(state, strict=False)
     return run, m.eval()
@@ -549,24 +550,24 @@ def test_chain_stage5_trains_no_perceiver_or_gate(chain):
 def killed_write(meta, tmp_path_factory, uninterrupted):
     """The resume run, its step-4 checkpoint write killed after the weights (disk full), then run again."""
     out = str(tmp_path_factory.mktemp("killed") / "run")
-    real = train.save_file
+    real = checkpoints.save_file
 
     def save(tensors, f, *a, **k):
         if str(f).endswith(os.path.join("step_0000004.tmp", "optimizer.safetensors")):
             raise OSError("disk full")
         return real(tensors, f, *a, **k)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "save_file", save)
+        mp.setattr(checkpoints, "save_file", save)
         with pytest.raises(OSError, match="disk full"):
             train.main(resume_args(meta, out))
-    after_kill = dict(latest=train.latest_checkpoint(out), tmp=sorted(os.listdir(checkpoint(out, 4) + ".tmp")))
+    after_kill = dict(latest=checkpoints.latest(out), tmp=sorted(os.listdir(checkpoint(out, 4) + ".tmp")))
     train.main(resume_args(meta, out))
     return out, after_kill
 
 
 def test_killed_checkpoint_write_leaves_the_previous_checkpoint_latest(killed_write):
     out, after_kill = killed_write
-    assert after_kill == dict(latest=checkpoint(out, 2), tmp=[train.TRAINABLE])
+    assert after_kill == dict(latest=checkpoint(out, 2), tmp=[checkpoints.TRAINABLE])
 
 
 def test_rerun_after_killed_write_resumes_and_finishes(killed_write, uninterrupted):
@@ -584,7 +585,7 @@ def test_failed_merge_check_leaves_out_untouched(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted, bad)
     state = trainable(bad, 4)
     state[next(k for k in state if k.endswith("lora_B"))].fill_(float("nan"))
-    save_file(state, os.path.join(checkpoint(bad, 4), train.TRAINABLE))
+    save_file(state, os.path.join(checkpoint(bad, 4), checkpoints.TRAINABLE))
     with pytest.raises(SystemExit, match="merge check failed"):
         merge.main([bad, out])
     assert file_digests(out) == before
@@ -634,31 +635,31 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(meta
     def killed(*a, **k):
         raise KeyboardInterrupt("killed before the first checkpoint")
     with monkeypatch.context() as mp:
-        mp.setattr(train, "save_checkpoint", killed)
+        mp.setattr(checkpoints, "save", killed)
         with pytest.raises(KeyboardInterrupt):
             train.main(args)
     first = losses(out)
-    assert steps_logged(out) == [1, 2] and train.latest_checkpoint(out) is None
+    assert steps_logged(out) == [1, 2] and checkpoints.latest(out) is None
     train.main(args)  # no checkpoint: from step 0, metrics.jsonl cut to nothing first
     assert steps_logged(out) == [1, 2] and losses(out) == first
 
 
 def test_keep_last_removes_only_older_checkpoints_train_wrote(meta, tmp_path, monkeypatch):
-    real = train.save_checkpoint
+    real = checkpoints.save
 
     def save_then_annotate(run, m, opt, sched, step, *rest):  # a user's note in step 1: no longer only train.py's
         real(run, m, opt, sched, step, *rest)
         if step == 1:
             with open(os.path.join(checkpoint(run, 1), "notes.txt"), "w") as f:
                 f.write("keep this one")
-    monkeypatch.setattr(train, "save_checkpoint", save_then_annotate)
+    monkeypatch.setattr(checkpoints, "save", save_then_annotate)
     for keep, kept in ((2, [1, 4, 5]), (0, [1, 2, 3, 4, 5])):
         out = str(tmp_path / f"keep{keep}")
         train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *SHRINK, "--max_steps=5", "--save_every=1",
                               f"--keep_last={keep}"))
-        assert os.listdir(os.path.join(out, "checkpoints")) and train.checkpoints(os.path.join(out, "checkpoints")) \
+        assert os.listdir(os.path.join(out, "checkpoints")) and checkpoints.listed(os.path.join(out, "checkpoints")) \
             == [checkpoint(out, s) for s in kept], keep
-        assert sorted(os.listdir(checkpoint(out, 1))) == sorted([*train.CHECKPOINT_FILES, "notes.txt"])
+        assert sorted(os.listdir(checkpoint(out, 1))) == sorted([*checkpoints.FILES, "notes.txt"])
 
 
 class Recorder:
@@ -696,7 +697,7 @@ def test_checkpoint_and_run_files_are_synced_around_their_rename(meta, tmp_path,
     tmp = final + ".tmp"
     state = os.path.join(tmp, "state.json")
     assert rec.ordered(("fsync", state + ".tmp"), ("replace", state + ".tmp", state))
-    assert rec.ordered([("fsync", os.path.join(tmp, f)) for f in train.CHECKPOINT_FILES], ("fsync", tmp),
+    assert rec.ordered([("fsync", os.path.join(tmp, f)) for f in checkpoints.FILES], ("fsync", tmp),
                        ("replace", tmp, final), ("fsync", os.path.join(out, "checkpoints")))
     for name in ("config.json", "base.json", "tokenizer.json", "metrics.jsonl"):  # metrics.jsonl: the resume cut
         path = os.path.join(out, name)
@@ -720,8 +721,8 @@ def cut_in_half(path):
         f.write(b[:len(b) // 2])
 
 
-DAMAGES = {"trainable.safetensors cut in half": (lambda c: cut_in_half(os.path.join(c, train.TRAINABLE)),
-                                                 train.TRAINABLE, "incomplete metadata"),
+DAMAGES = {"trainable.safetensors cut in half": (lambda c: cut_in_half(os.path.join(c, checkpoints.TRAINABLE)),
+                                                 checkpoints.TRAINABLE, "incomplete metadata"),
            "state.json truncated": (lambda c: cut_in_half(os.path.join(c, "state.json")), "state.json",
                                     "JSONDecodeError"),
            "optimizer.safetensors missing": (lambda c: os.remove(os.path.join(c, "optimizer.safetensors")),
@@ -750,8 +751,8 @@ def test_a_damaged_latest_checkpoint_is_named_with_the_flag_to_resume_from_the_p
 
 def test_merge_names_a_damaged_checkpoint(tmp_path):
     run, _ = qwen_run(str(tmp_path), fixture("qwen2_vl_tiny"))
-    cut_in_half(os.path.join(checkpoint(run, 1), train.TRAINABLE))
-    with pytest.raises(SystemExit, match=f"{os.path.join(checkpoint(run, 1), train.TRAINABLE)}: SafetensorError"):
+    cut_in_half(os.path.join(checkpoint(run, 1), checkpoints.TRAINABLE))
+    with pytest.raises(SystemExit, match=f"{os.path.join(checkpoint(run, 1), checkpoints.TRAINABLE)}: SafetensorError"):
         merge.main([run, str(tmp_path / "merged")])
 
 
@@ -771,7 +772,7 @@ def test_resume_from_an_earlier_checkpoint_moves_the_later_ones_aside(meta, six,
     (away,) = os.listdir(os.path.join(out, "checkpoints", "abandoned"))
     away = os.path.join(out, "checkpoints", "abandoned", away)
     assert {s: file_digests(os.path.join(away, f"step_{s:07d}")) for s in (4, 6)} == later  # kept, not deleted
-    assert train.checkpoints(os.path.join(out, "checkpoints")) == [checkpoint(out, s) for s in (2, 4, 6)]
+    assert checkpoints.listed(os.path.join(out, "checkpoints")) == [checkpoint(out, s) for s in (2, 4, 6)]
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6] and losses(out) == losses(six)
     assert max_rel_state(trainable(out, 6), trainable(six, 6)) <= RESUME_TOL
 
@@ -782,18 +783,18 @@ def test_resume_from_an_earlier_checkpoint_moves_the_later_ones_aside(meta, six,
 
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(meta, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    real = train.save_checkpoint
+    real = checkpoints.save
 
     def save_then_poison(run, m, *rest):  # the weights diverge right after the step-1 checkpoint
         real(run, m, *rest)
         with torch.no_grad():
             next(p for n, p in m.named_parameters() if n.endswith("lora_B")).fill_(float("nan"))
-    monkeypatch.setattr(train, "save_checkpoint", save_then_poison)
+    monkeypatch.setattr(checkpoints, "save", save_then_poison)
     args = train_args("fusion", fixture("mpgui_tiny"), meta, out, *SHRINK, "--max_steps=3", "--save_every=1")
     with pytest.raises(FloatingPointError, match=f"at step 2; the last good checkpoint is {checkpoint(out, 1)}$"):
         train.main(args)
     assert sorted(losses(out)) == [1]  # nothing non-finite logged
-    assert train.latest_checkpoint(out) == checkpoint(out, 1)
+    assert checkpoints.latest(out) == checkpoint(out, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -854,7 +855,7 @@ def test_an_old_pickle_checkpoint_is_refused_not_loaded(tmp_path):
     old.mkdir()
     (old / "trainable.pt").write_bytes(b"not read: a pickle could run code")
     with pytest.raises(FileNotFoundError, match="loads no pickle"):
-        train.load_checkpoint(str(old), None, None, None, 0)
+        checkpoints.load(str(old), None, None, None, 0)
 
 
 def test_token_selection_on_an_internvl_base_is_an_error(tmp_path):
