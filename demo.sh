@@ -6,7 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-demo}
 SCALE=${2:-1}
-rm -rf "$OUT"
+# OUT is cleared for a fresh run only when demo.sh wrote it (its marker file is there) or it is an empty folder:
+# anything else there may be someone's work, so stop before writing or deleting anything
+MARK="$OUT/.written-by-demo.sh"
+if [ -e "$OUT" ] || [ -L "$OUT" ]; then
+  if [ -d "$OUT" ] && [ ! -L "$OUT" ] && { [ -f "$MARK" ] || [ -z "$(ls -A "$OUT")" ]; }; then
+    rm -rf "$OUT"
+  else
+    echo "demo.sh: $OUT exists and was not written by demo.sh (no $MARK); give another OUT or move it away" >&2
+    exit 1
+  fi
+fi
+mkdir -p "$OUT"
+touch "$MARK"
 python world.py "$OUT" 600 100
 # What the tiny model changes in the official configs (configs/*.json): one 112-px tile, fp32 on the CPU, no
 # regularisers, learning rates for a 3.6M-parameter model (Adam beta2 0.95 keeps them stable), LoRA r32 on the LLM,

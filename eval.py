@@ -1,6 +1,7 @@
 """Evaluation driver: greedy generation from a checkpoint folder (or hub id), for one prompt or a whole benchmark.
-With --data it batches every dataset of a meta json through the model, writes predictions.jsonl and summary.json,
-and scores each dataset with scorers.py (the kind scorers.TASKS names for it, or --task NAME=KIND).
+With --data it checks every dataset of a meta json (a missing or unreadable image skips its sample: counted, named,
+printed), batches them through the model, scores each dataset with scorers.py (the kind scorers.TASKS names for it,
+or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summary.json, each atomically.
 
     python eval.py --model tests/fixtures/qwen2_vl_tiny --image examples/screen.png --prompt "Where is Save?"
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
@@ -67,10 +68,91 @@ def task_table(task_args):
     return tasks
 
 
-def evaluate(m, tok, a):
+def read_dataset(spec, limit):
+    """The first `limit` (0: all) non-blank lines of a dataset as dicts (line, id, question, answer, images), every
+    image checked: a missing one, or one whose header PIL cannot read, skips its sample, as "file:line: reason".
+    A missing annotation file or a line that is no chat sample is an error: the benchmark itself is broken."""
+    path, rows, skipped = spec["annotation"], [], []
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset {spec['name']!r}: no annotation file {path}")
+    with open(path, encoding="utf-8") as f:
+        lines = [(k, line) for k, line in enumerate(f, 1) if line.strip()][:limit or None]
+    for k, line in lines:
+        item, images = formats._parse_line(line)  # the training reader's checks: JSON, turns, image field
+        if item is None or item["conversations"][0]["from"] != "human":
+            raise ValueError(f"{path}:{k}: {images if item is None else 'a system turn (eval.py takes --system)'}")
+        paths = [os.path.join(spec["root"], p) for p in images]
+        why = next(filter(None, map(image_problem, paths)), None)
+        if why:
+            skipped.append(f"{path}:{k}: {why}")
+        else:
+            rows.append(dict(line=k, id=item.get("id"), question=item["conversations"][0]["value"],
+                             answer=item["conversations"][1]["value"], images=paths))
+    return rows, skipped
+
+
+def image_problem(path):
+    """None, or why the image cannot be used; the header only (cheap): pixels are decoded batch by batch."""
+    if not os.path.isfile(path):
+        return f"missing image {path}"
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"unreadable image {path}: {e}"
+
+
+def write_atomic(path, text):
+    """The whole text under path or, on any failure, the file as it was: a temporary file, fsynced, renamed over."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # only when writing failed; the temporary file is ours
+            os.remove(tmp)
+
+
+def majority(kind, golds):
+    """The score of always giving the most common gold answer: what a model that ignores the question gets."""
+    return scorers.score(kind, [Counter(golds).most_common(1)[0][0]] * len(golds), golds)
+
+
+def plan(a):
+    """Every dataset of --data read and checked, before the model loads: [(spec, scorer kind, rows, runs, skipped)]
+    with runs {prediction: image paths per row[, prediction_shuffled_images: ...]}; the skipped lines are printed."""
+    tasks, plans = task_table(a.task), []
+    for spec in formats.read_meta(a.data):
+        kind = tasks.get(spec["name"].lower())
+        if kind is None:
+            raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
+        rows, skipped = read_dataset(spec, a.limit)
+        for s in skipped:
+            print(f"skip {s}")
+        if not rows:
+            raise ValueError(f"{a.data}: dataset {spec['name']!r}: no usable sample ({len(skipped)} skipped)")
+        paths = [r["images"] for r in rows]
+        runs = {"prediction": paths}
+        if a.shuffled_images:  # each question asked of the next distinct screen of its dataset (a rotation)
+            screens = list(dict.fromkeys(p for ps in paths for p in ps))
+            if len(screens) < 2:
+                raise ValueError(f"--shuffled-images: dataset {spec['name']!r} has {len(screens)} distinct "
+                                 "image(s); the control needs two or more")
+            nxt = dict(zip(screens, screens[1:] + screens[:1]))
+            runs["prediction_shuffled_images"] = [[nxt[p] for p in ps] for ps in paths]
+        majority(kind, [r["answer"] for r in rows])  # so that a gold answer the scorer cannot read fails now
+        plans.append((spec, kind, rows, runs, skipped))
+    return plans
+
+
+def evaluate(m, tok, a, plans=None):
     """Every dataset of a meta json: predictions jsonl + summary json (scores beside the majority-answer baseline,
-    i.e. the score of always giving the most common gold answer, and the settings that produced them)."""
-    tasks = task_table(a.task)
+    i.e. the score of always giving the most common gold answer, the skipped samples, and the settings that produced
+    them). Every dataset is read and checked before the first batch; the two files are written when all are done,
+    each atomically, so a failed run leaves the previous run's files as they were."""
     os.makedirs(a.out, exist_ok=True)
     summary = dict(model=m.folder, arch=m.cfg.arch, template=m.cfg.template or "chatml", padding="left",
                    decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>", system=a.system,
@@ -78,45 +160,43 @@ def evaluate(m, tok, a):
                    else f"{a.min_pixels}..{a.max_pixels} pixels", datasets={})
     if m.cfg.is_mpgui:
         summary["mpgui_mode"] = m.cfg.mpgui_mode
-    with open(os.path.join(a.out, "predictions.jsonl"), "w") as out:
-        for spec in formats.read_meta(a.data):
-            kind = tasks.get(spec["name"].lower())
-            if kind is None:
-                raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
-            lines = [json.loads(l) for l in open(spec["annotation"]) if l.strip()][:a.limit or None]
-            golds = [l["conversations"][1]["value"] for l in lines]
-            paths = [[l["image"]] if isinstance(l.get("image"), str) else l.get("image", []) for l in lines]
-            runs = {"prediction": paths}
-            if a.shuffled_images:  # each question asked of the next distinct screen of its dataset (a rotation)
-                screens = list(dict.fromkeys(p for ps in paths for p in ps))
-                if len(screens) < 2:
-                    raise ValueError(f"--shuffled-images: dataset {spec['name']!r} has {len(screens)} distinct "
-                                     "image(s); the control needs two or more")
-                nxt = dict(zip(screens, screens[1:] + screens[:1]))
-                runs["prediction_shuffled_images"] = [[nxt[p] for p in ps] for ps in paths]
-            majority = Counter(golds).most_common(1)[0][0]
-            # scored ahead of the inference, so that a gold answer the scorer cannot read fails now, not after it
-            baseline = scorers.score(kind, [majority] * len(golds), golds)
-            max_tiles = spec["max_dynamic_patch"]  # the dataset's own tile budget; None: --max-tiles
-            preds = {k: [] for k in runs}
-            for k, imgs in runs.items():
-                progress = spec["name"] + k.removeprefix("prediction")  # e.g. "re", "re_shuffled_images"
-                for i in tqdm(range(0, len(lines), a.batch_size), desc=progress):
-                    prompts = []
-                    for l, ps in zip(lines[i:i + a.batch_size], imgs[i:i + a.batch_size]):
-                        images = [Image.open(os.path.join(spec["root"], p)).convert("RGB") for p in ps]
-                        prompts.append((l["conversations"][0]["value"], images, max_tiles))
-                    preds[k] += answer_batch(m, tok, prompts, a)[0]
-            for j, l in enumerate(lines):
-                out.write(json.dumps(dict(dataset=spec["name"], id=l.get("id"), question=l["conversations"][0]
-                                          ["value"], answer=golds[j], **{k: v[j] for k, v in preds.items()})) + "\n")
-            r = summary["datasets"][spec["name"]] = dict(scorer=kind, n=len(lines),
-                                                         score=scorers.score(kind, preds["prediction"], golds))
-            if a.shuffled_images:
-                r["shuffled_images"] = scorers.score(kind, preds["prediction_shuffled_images"], golds)
-            r["majority_baseline"] = baseline
-    with open(os.path.join(a.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    predictions = []
+    for spec, kind, rows, runs, skipped in plans or plan(a):
+        max_tiles = spec["max_dynamic_patch"]  # the dataset's own tile budget; None: --max-tiles
+        preds, bad, skipped = {k: {} for k in runs}, set(), list(skipped)
+        for k, imgs in runs.items():
+            progress = spec["name"] + k.removeprefix("prediction")  # e.g. "re", "re_shuffled_images"
+            for i in tqdm(range(0, len(rows), a.batch_size), desc=progress):
+                prompts, idx = [], []
+                for j in range(i, min(i + a.batch_size, len(rows))):
+                    if j in bad:
+                        continue
+                    try:  # a file whose header read but whose pixels do not decode is skipped here
+                        images = [formats._load_rgb(p) for p in imgs[j]]
+                    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                        bad.add(j)
+                        skipped.append(f"{spec['annotation']}:{rows[j]['line']}: unreadable image: {e}")
+                        print(f"skip {skipped[-1]}")
+                        continue
+                    prompts.append((rows[j]["question"], images, max_tiles))
+                    idx.append(j)
+                if prompts:
+                    preds[k].update(zip(idx, answer_batch(m, tok, prompts, a)[0]))
+        keep = [j for j in range(len(rows)) if j not in bad]  # answered in every run
+        if not keep:
+            raise ValueError(f"{a.data}: dataset {spec['name']!r}: every sample was skipped")
+        golds = [rows[j]["answer"] for j in keep]
+        for j in keep:
+            r = rows[j]
+            predictions.append(json.dumps(dict(dataset=spec["name"], id=r["id"], question=r["question"],
+                                               answer=r["answer"], **{k: v[j] for k, v in preds.items()})) + "\n")
+        r = summary["datasets"][spec["name"]] = {"score" if k == "prediction" else k.removeprefix("prediction_"):
+                                                 scorers.score(kind, [v[j] for j in keep], golds)
+                                                 for k, v in preds.items()}  # score[, shuffled_images]
+        r.update(scorer=kind, n=len(keep), majority_baseline=majority(kind, golds), skipped=len(skipped),
+                 skipped_samples=skipped)
+    write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(predictions))
+    write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 
@@ -144,24 +224,30 @@ def main(argv=None):
                    help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
                         "scores a model after its own stage (1-3), before the fusion gate is trained")
     a = p.parse_args(argv)
-    try:  # a wrong --task fails here, not after the model is loaded and every dataset decoded
+    try:  # a wrong --task, a broken dataset or image fail here, not after the model is loaded and a dataset decoded
         task_table(a.task)
-    except ValueError as e:
+        plans = plan(a) if a.data else None
+    except (ValueError, OSError) as e:
         p.error(str(e))
+    for why in filter(None, map(image_problem, a.image)):
+        p.error(f"--image: {why}")
     t0 = time.time()
-    m = load.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device, mpgui_mode=a.mpgui_mode)
+    try:
+        m = load.load_model(a.model, dtype=DTYPES[a.dtype], device=a.device, mpgui_mode=a.mpgui_mode)
+    except FileNotFoundError as e:  # no such folder, or no config.json in it; the hub's errors are one line already
+        raise SystemExit(f"eval.py: {e}") from None
     if a.mpgui_mode and not m.cfg.is_mpgui:
         p.error(f"--mpgui-mode: {a.model} is {m.cfg.arch}, not an MP-GUI checkpoint")
     tok = load.load_tokenizer(m.folder)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
     if a.data:
-        summary = evaluate(m, tok, a)
+        summary = evaluate(m, tok, a, plans)
         for name, r in summary["datasets"].items():
             fmt = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items() if isinstance(v, float))
             shuffled = f"shuffled images: {fmt(r['shuffled_images'])}; " if "shuffled_images" in r else ""
             print(f"{name:<16} n={r['n']:<5} {fmt(r['score'])}   ({shuffled}majority answer: "
-                  f"{fmt(r['majority_baseline'])})")
+                  f"{fmt(r['majority_baseline'])}; {r['skipped']} skipped)")
         return summary
     if not a.prompt:
         p.error("give --prompt (with --image) or --data")

@@ -9,7 +9,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import struct
+import time
 
 import torch
 from safetensors import safe_open
@@ -55,13 +57,55 @@ def fingerprint(folder, samples=64, chunk=1 << 16):
 
 
 def resolve(path):
-    """A local folder, or a hub id fetched (config, weights, tokenizer files) through huggingface_hub."""
+    """A local folder, or a hub id (owner/name) fetched (config, weights, tokenizer files) through huggingface_hub.
+    A path that starts with / . ~, or whose first part is a local folder, is never taken for a hub id."""
     if os.path.isdir(path):
         return path
-    if path.startswith(("/", ".", "~")) or path.count("/") != 1:  # a path, not an owner/name hub id
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    from huggingface_hub import snapshot_download
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) or os.path.isdir(path.split("/")[0]):
+        raise FileNotFoundError(f"{path}: no such checkpoint folder (and not a hub id, owner/name)")
+    return hub_snapshot(path)
+
+
+def hub_snapshot(repo_id):
+    """snapshot_download with a timeout on every request (GUIVLM_HUB_TIMEOUT seconds, default 20) and HF_HUB_OFFLINE
+    respected; a hub that cannot be reached, or a repo not found or not cached, is one line (SystemExit), which the
+    CLIs print as is, never a traceback or a hang."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    value = os.environ.get("GUIVLM_HUB_TIMEOUT", "20")
+    timeout = float(value) if re.fullmatch(r"\d+(\.\d*)?", value.strip()) else 0
+    if not timeout > 0:
+        raise SystemExit(f"GUIVLM_HUB_TIMEOUT={value!r}: expected a number of seconds > 0")
+    # huggingface_hub passes timeout=None (no timeout) on its repo_info and file-listing calls, so a proxy that
+    # accepts and never answers hangs it for ever: every request its shared client sends gets our timeout instead
+    client = hub.get_session()
+    if not getattr(client, "guivlm_timeout", None):
+        send = client.send
+
+        def send_with_timeout(request, **kw):
+            t = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {k: t.get(k) or client.guivlm_timeout for k in ("connect", "read",
+                                                                                               "write", "pool")}
+            return send(request, **kw)
+        client.send = send_with_timeout
+    client.guivlm_timeout = timeout
+    endpoint, offline, t0 = constants.ENDPOINT, constants.HF_HUB_OFFLINE, time.time()
+    try:
+        return hub.snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"],
+                                     etag_timeout=timeout)
+    except RepositoryNotFoundError:  # also a gated or private repo without a token
+        raise SystemExit(f"{repo_id}: no such repo on the hub ({endpoint}), or it is gated or private and needs a "
+                         "token (hf auth login)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, HfHubHTTPError.__mro__[1]) as e:  # [1]: the HTTP lib's base
+        if offline:
+            raise SystemExit(f"{repo_id} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+                             "HF_HUB_OFFLINE=1; pass a local folder, or unset HF_HUB_OFFLINE to download it") from None
+        cause = e.__cause__ or e
+        why = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".rstrip(": ")
+        raise SystemExit(f"could not reach the hub ({endpoint}) for {repo_id} ({why}, after {time.time() - t0:.1f} s;"
+                         f" each request times out after {timeout:g} s, GUIVLM_HUB_TIMEOUT); pass a local folder or "
+                         "set HF_HUB_OFFLINE=1 to use the local cache") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

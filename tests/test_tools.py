@@ -19,6 +19,7 @@ import data
 import formats
 import load
 from tools import aitw, srp, synth
+from tools.common import Skips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -190,11 +191,12 @@ def test_aitw_small_icon_selection(tmp_path):
          "image/ui_annotations_ui_types": ["ICON_X"],
          "image/ui_annotations_positions": [[0.1, 0.5, 0.02, 0.04]]}  # y 240..288, x 540..583
     write_json(str(tmp_path / "aitw" / "install" / "ep9" / "meta.json"), [x])
-    write_json(str(tmp_path / "aitw" / "googleapps" / "ep2" / "meta.json"), [x])  # not an official split
+    write_json(str(tmp_path / "aitw" / "googleapps" / "ep2" / "meta.json"), [x])  # not among --splits: not read
     for p in ("general/ep1/0.png", "install/ep9/3.png"):
         os.makedirs(os.path.dirname(tmp_path / "img" / p), exist_ok=True)
         Image.new("RGB", (50, 100)).save(tmp_path / "img" / p)
-    out, skips = aitw.main([str(tmp_path / "aitw"), str(tmp_path / "out"), "--image-root", str(tmp_path / "img")])
+    out, skips = aitw.main([str(tmp_path / "aitw"), str(tmp_path / "out"), "--image-root", str(tmp_path / "img"),
+                            "--splits", "general", "install"])
     rows = jsonl(tmp_path / "out" / "aitw_small_icon.jsonl")
     assert rows == out
     assert [(r["type"], r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in rows] == [
@@ -205,9 +207,38 @@ def test_aitw_small_icon_selection(tmp_path):
     assert skips.counts == {"bad record": 1, "episode without meta.json": 1}
     assert json.load(open(tmp_path / "out" / "aitw_meta.json"))["AITW_small_icon"]["length"] == "3"
     consumable(str(tmp_path / "out" / "aitw_meta.json"), 3)
-    assert len(aitw.ICONS) == 62 and aitw.pixel_box([0.29, 0.29, 0.01, 0.01], 100, 100) == [29, 29, 30, 30]
+    assert len(aitw.ICONS) == 62
     with pytest.raises(FileNotFoundError, match="nosuch"):
         aitw.generate(str(tmp_path / "aitw"), ["nosuch"])
+
+
+def test_aitw_reads_every_split_folder_by_default(tmp_path):
+    """Upstream's get_folds reads every folder of the root; e7b8d93 read only general/ and install/ unless told."""
+    x = {"image_path": "a.png", "image/width": 1080, "image/height": 2400, "image/ui_annotations_ui_types": ["ICON_X"],
+         "image/ui_annotations_positions": [[0.1, 0.5, 0.02, 0.04]]}
+    for split in ("install", "googleapps", "general", "web_shopping"):
+        write_json(str(tmp_path / "aitw" / split / "ep" / "meta.json"), [dict(x, image_path=f"{split}/0.png")])
+    (tmp_path / "aitw" / "README.txt").write_text("not a split")
+    skips = Skips()
+    rows = aitw.generate(str(tmp_path / "aitw"), skips=skips)
+    assert [r["image"] for r in rows] == ["general/0.png", "googleapps/0.png", "install/0.png", "web_shopping/0.png"]
+    assert skips.counts == {"not a split folder": 1}  # the README, reported
+    rows = aitw.generate(str(tmp_path / "aitw"), ["web_shopping", "general"])  # --splits: those, in that order
+    assert [r["image"] for r in rows] == ["web_shopping/0.png", "general/0.png"]
+    with pytest.raises(FileNotFoundError, match="no AITW folder"):
+        aitw.generate(str(tmp_path / "nosuch"))
+
+
+def test_aitw_boxes_are_upstreams_int():
+    """Upstream's process_bbox is int(v * size) of each normalised edge; e7b8d93 added 1e-6 before flooring, so float
+    noise kept a pixel upstream loses (and lost none it keeps), and the 0 < area < 0.3 % rule then kept other icons."""
+    assert aitw.pixel_box([0.29, 0.29, 0.01, 0.01], 100, 100) == [28, 28, 30, 30]  # 0.29 * 100 = 28.999...96
+    assert aitw.pixel_box([0.06, 0.06, 0.01, 0.01], 100, 100) == [6, 6, 6, 6]  # 0.07 * 100 = 6.999...: zero area
+    screen = {"image_path": "0.png", "image/width": 100, "image/height": 100,
+              "image/ui_annotations_ui_types": ["ICON_STAR", "ICON_HEART"],
+              "image/ui_annotations_positions": [[0.06, 0.06, 0.01, 0.01],  # e7b8d93: a 1x1 box, kept; upstream: 0
+                                                 [0.29, 0.29, 0.001, 0.001]]}  # e7b8d93: 0x0; upstream: 1x1, kept
+    assert aitw.select(screen) == [("ICON_HEART", [28, 28, 29, 29], 0.01)]
 
 
 def test_tools_run_as_scripts(tmp_path):

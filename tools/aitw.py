@@ -2,21 +2,23 @@
 
     python tools/aitw.py aitw/ training_data/aitw [--splits general install] [--image-prefix aitw_images/]
 
-Expects aitw/<split>/<episode>/meta.json, each a JSON list of screen records with `image_path`, `image/width`,
-`image/height`, `image/ui_annotations_positions` (normalised [y, x, h, w] per element) and
-`image/ui_annotations_ui_types` (e.g. "ICON_HOME", "TEXT"). Writes OUT/aitw_small_icon.jsonl and OUT/aitw_meta.json.
+Expects aitw/<split>/<episode>/meta.json, by default every split folder of the root, as upstream reads them (the
+MP-GUI README says it sampled "general" and "install": --splits general install for those two), each a JSON list of
+screen records with `image_path`, `image/width`, `image/height`, `image/ui_annotations_positions` (normalised
+[y, x, h, w] per element) and `image/ui_annotations_ui_types` (e.g. "ICON_HOME", "TEXT"). Writes
+OUT/aitw_small_icon.jsonl and OUT/aitw_meta.json.
 
-Rebuilt from the official data_tools/get_small_icon_grounding_data.py (commit 232455c). An element is kept when its
-type occurs exactly once on the screen, is not TEXT, is in the icon map below, and covers 0 < area < 0.3 % of the
-screen (pixel box from int() of the normalised edges; the comparison is exact). Question as upstream (typo
-"reffering" included); the answer, which upstream leaves undefined, is the 0-1000 box as "[[x1, y1, x2, y2]]".
+Rebuilt from the official data_tools/get_small_icon_grounding_data.py (BigTaige/MP-GUI, commit 232455c). An element
+is kept when its type occurs exactly once on the screen, is not TEXT, is in the icon map below, and covers
+0 < area < 0.3 % of the screen, all computed as upstream: the pixel box is int() of each normalised edge times the
+screen size (float noise can lose a pixel: 0.29 * 100 -> 28), the rate area / (w * h) * 100 in floats. Question as
+upstream (typo "reffering" included); the answer, which upstream leaves undefined, is the 0-1000 box as
+"[[x1, y1, x2, y2]]". Upstream reads the folders in os.listdir order and shuffles; this reads them sorted, in order.
 """
 import argparse
 import json
-import math
 import os
 import sys
-from fractions import Fraction
 
 from tqdm import tqdm
 
@@ -52,13 +54,12 @@ QUESTION = 'Give the bounding box reffering to "{}".'
 
 
 def pixel_box(yxhw, w, h):
-    """Normalised [y, x, h, w] -> pixel [x1, y1, x2, y2] with upstream's int(); the 1e-6 keeps float noise
-    (0.29 * 100 = 28.999...) from losing a pixel."""
+    """Normalised [y, x, h, w] -> pixel [x1, y1, x2, y2], int() of each edge as upstream's process_bbox."""
     y, x, bh, bw = yxhw
-    return [math.floor(v * s + 1e-6) for v, s in ((x, w), (y, h), (x + bw, w), (y + bh, h))]
+    return [int(v * s) for v, s in ((x, w), (y, h), (x + bw, w), (y + bh, h))]
 
 
-def select(record, max_rate=Fraction(3, 10)):
+def select(record, max_rate=0.3):
     """[(type, pixel box, area %)] of one screen record: the small-icon grounding targets."""
     w, h = record["image/width"], record["image/height"]
     by_type = {}
@@ -69,9 +70,9 @@ def select(record, max_rate=Fraction(3, 10)):
         if len(boxes) != 1 or t == "TEXT" or t not in ICONS:
             continue
         box = pixel_box(boxes[0], w, h)
-        rate = Fraction((box[2] - box[0]) * (box[3] - box[1]) * 100, w * h)  # percent of the screen
+        rate = (box[2] - box[0]) * (box[3] - box[1]) / (w * h) * 100  # percent of the screen, as upstream
         if 0 < rate < max_rate:
-            out.append((t, box, float(rate)))
+            out.append((t, box, rate))
     return out
 
 
@@ -99,8 +100,15 @@ def check(record):
     return None
 
 
-def generate(root, splits=("general", "install"), image_prefix="", max_rate=0.3, skips=None):
+def generate(root, splits=None, image_prefix="", max_rate=0.3, skips=None):
+    """The samples of the split folders of root (None: every folder there, sorted)."""
     skips = skips if skips is not None else Skips()
+    if splits is None:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"no AITW folder {root}")
+        splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        for f in sorted(set(os.listdir(root)) - set(splits)):
+            skips("not a split folder", os.path.join(root, f))
     files = []
     for split in splits:
         if not os.path.isdir(os.path.join(root, split)):
@@ -126,7 +134,7 @@ def generate(root, splits=("general", "install"), image_prefix="", max_rate=0.3,
             if why:
                 skips("bad record", f"{path} record {k}: {why}")
                 continue
-            for t, box, rate in select(r, Fraction(str(max_rate))):
+            for t, box, rate in select(r, max_rate):
                 w, h = r["image/width"], r["image/height"]
                 gt = [box[0] * 1000 // w, box[1] * 1000 // h, box[2] * 1000 // w, box[3] * 1000 // h]
                 out.append(dict(id=len(out), image=image_prefix + r["image_path"], width=w, height=h, type=t,
@@ -139,7 +147,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("root", help="AITW folder: ROOT/<split>/<episode>/meta.json")
     p.add_argument("out", help="output folder")
-    p.add_argument("--splits", nargs="+", default=["general", "install"], help="split folders (official two)")
+    p.add_argument("--splits", nargs="+", help="split folders to read (default: every folder of ROOT, as upstream)")
     p.add_argument("--image-prefix", default="", help="image field = PREFIX + the record's image_path")
     p.add_argument("--image-root", default="", help="meta 'root' that image paths are relative to")
     p.add_argument("--max-rate", type=float, default=0.3, help="keep elements under this %% of the screen")
