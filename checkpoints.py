@@ -52,11 +52,17 @@ def sync_folder(folder):
 
 
 def write_atomic(path, text):
-    """path holds the old text or the new, never a part of one: written to path.tmp, synced, renamed over path."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    fsync(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """path holds the old text or the new, never a part of one: written to path.tmp, synced, renamed over path, and
+    the folder synced; on a failure the temporary file (ours) is removed and path is as it was."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # only when writing or renaming failed
+            os.remove(tmp)
     fsync(os.path.dirname(path) or ".")
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import data
 import formats
 import load
@@ -75,10 +76,8 @@ def read_dataset(spec, limit):
     path, rows, skipped = spec["annotation"], [], []
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset {spec['name']!r}: no annotation file {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [(k, line) for k, line in enumerate(f, 1) if line.strip()][:limit or None]
-    for k, line in lines:
-        item, images = formats._parse_line(line)  # the training reader's checks: JSON, turns, image field
+    for k, value, why in formats.read_jsonl(path)[:limit or None]:  # the training reader's checks: bytes, JSON,
+        item, images = formats.parse_line(value) if why is None else (None, why)  # turns, image field
         if item is None or item["conversations"][0]["from"] != "human":
             raise ValueError(f"{path}:{k}: {images if item is None else 'a system turn (eval.py takes --system)'}")
         paths = [os.path.join(spec["root"], p) for p in images]
@@ -96,24 +95,9 @@ def image_problem(path):
     if not os.path.isfile(path):
         return f"missing image {path}"
     try:
-        with Image.open(path):
-            return None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return f"unreadable image {path}: {e}"
-
-
-def write_atomic(path, text):
-    """The whole text under path or, on any failure, the file as it was: a temporary file, fsynced, renamed over."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # only when writing failed; the temporary file is ours
-            os.remove(tmp)
+        formats.header_size(path)
+    except ValueError as e:  # what PIL raises on a broken header, as the training readers catch it
+        return str(e)
 
 
 def majority(kind, golds):
@@ -172,10 +156,10 @@ def evaluate(m, tok, a, plans=None):
                     if j in bad:
                         continue
                     try:  # a file whose header read but whose pixels do not decode is skipped here
-                        images = [formats._load_rgb(p) for p in imgs[j]]
-                    except (OSError, ValueError, Image.DecompressionBombError) as e:
+                        images = [formats.load_rgb(p) for p in imgs[j]]
+                    except ValueError as e:  # load_rgb: any decode error, naming the file
                         bad.add(j)
-                        skipped.append(f"{spec['annotation']}:{rows[j]['line']}: unreadable image: {e}")
+                        skipped.append(f"{spec['annotation']}:{rows[j]['line']}: {e}")
                         print(f"skip {skipped[-1]}")
                         continue
                     prompts.append((rows[j]["question"], images, max_tiles))
@@ -195,8 +179,8 @@ def evaluate(m, tok, a, plans=None):
                                                  for k, v in preds.items()}  # score[, shuffled_images]
         r.update(scorer=kind, n=len(keep), majority_baseline=majority(kind, golds), skipped=len(skipped),
                  skipped_samples=skipped)
-    write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(predictions))
-    write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
+    checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(predictions))
+    checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 

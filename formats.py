@@ -75,7 +75,7 @@ def text_error(value):
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def _image_size(path):
+def header_size(path):
     try:
         with Image.open(path) as im:  # reads the header only
             return im.size
@@ -83,7 +83,7 @@ def _image_size(path):
         raise ValueError(f"unreadable image {path}: {type(e).__name__}: {e}") from None
 
 
-def _load_rgb(path):
+def load_rgb(path):
     """The image decoded now (a broken file fails here, its handle closed) as RGB; 16-bit grey (I;16*, I), which
     PIL's RGB conversion clips at 255, is scaled to 8 bits first."""
     try:
@@ -143,7 +143,7 @@ def _kind(value):
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-def _parse_line(item):
+def parse_line(item):
     """(item, image names) or (None, why) for a parsed line: each of these would crash InternVL mid-training."""
     if not isinstance(item, dict):
         return None, f"expected a JSON object, got {_kind(item)}"
@@ -245,7 +245,7 @@ class InternVLDataset(torch.utils.data.Dataset):
 
     def _check(self, item, m):
         """((item, image paths, image tokens), None) or (None, why) for a parsed line."""
-        item, images = _parse_line(item)
+        item, images = parse_line(item)
         if item is None:
             return None, images
         why = self.point_prefix and check_points(item["conversations"])
@@ -258,7 +258,7 @@ class InternVLDataset(torch.utils.data.Dataset):
         w, h = item.get("width"), item.get("height")
         try:  # the line's own size when it has one, else the file header (cheap: PIL reads no pixels here)
             sizes = [(w, h)] if len(paths) == 1 and all(type(v) is int and v > 0 for v in (w, h)) else \
-                [_image_size(p) for p in paths]
+                [header_size(p) for p in paths]
         except ValueError as e:
             return None, str(e)
         n_img = 0
@@ -278,9 +278,9 @@ class InternVLDataset(torch.utils.data.Dataset):
         m = self.meta[di]
         source = (m["annotation"], line)
         try:
-            pix = [internvl_tiles(_load_rgb(p), m["max_tiles"] // len(paths), self.image_size, self.use_thumbnail)
+            pix = [internvl_tiles(load_rgb(p), m["max_tiles"] // len(paths), self.image_size, self.use_thumbnail)
                    for p in paths]
-        except ValueError as e:  # _load_rgb's "unreadable image PATH: ...", or a tiling failure
+        except ValueError as e:  # load_rgb's "unreadable image PATH: ...", or a tiling failure
             return dict(skip=source + (str(e),))
         tiles = [len(x) for x in pix]
         conv = item["conversations"]
@@ -359,7 +359,7 @@ class QwenDataset(torch.utils.data.Dataset):
         file, index, rec, ctx = self.samples[i]
         try:
             enc = encode_pieces(self.tokenizer, *self.build(rec, ctx), self.min_pixels, self.max_pixels)
-        except ValueError as e:  # our own checks and _load_rgb's "unreadable image PATH: ..." say what is wrong
+        except ValueError as e:  # our own checks and load_rgb's "unreadable image PATH: ..." say what is wrong
             return dict(skip=(file, index, str(e) if str(e).startswith("unreadable") else f"cannot encode: {e}"))
         except (LookupError, TypeError, AttributeError) as e:  # a shape check() missed: still a skip, not a crash
             return dict(skip=(file, index, f"cannot encode: {type(e).__name__}: {e}"))
@@ -414,7 +414,7 @@ class ShowUIGrounding(QwenDataset):
 
     def build(self, rec, root):
         path, elements = os.path.join(root, rec["img_url"]), rec["element"]
-        image, size = _load_rgb(path), [int(v) for v in rec["img_size"]]
+        image, size = load_rgb(path), [int(v) for v in rec["img_size"]]
         if self.crop != (1, 1):
             if image.size != tuple(size):  # else the crop lands off its elements (and a huge size is a huge canvas)
                 raise ValueError(f"'img_size' {size} is not the size of {path}, {image.width}x{image.height}")
@@ -564,7 +564,7 @@ class ShowUINavigation(QwenDataset):
             else:
                 pieces.append((text, supervised))
         urls = [h["img_url"] for h in hist] * (self.history == "vtvt") + [rec["img_url"]]
-        return pieces, [_load_rgb(os.path.join(root, f"{u}.png")) for u in urls]
+        return pieces, [load_rgb(os.path.join(root, f"{u}.png")) for u in urls]
 
 
 # hiyouga/LLaMA-Factory src/llamafactory/data/mm_plugin.py: MMPluginMixin and Qwen2VLPlugin._preprocess_image
@@ -661,7 +661,7 @@ class LlamaFactoryDataset(QwenDataset):
 
     def build(self, rec, ctx):
         (system, texts, paths), _ = self.parse(rec, ctx)
-        images = [llamafactory_image(_load_rgb(p), self.image_max_pixels) for p in paths]
+        images = [llamafactory_image(load_rgb(p), self.image_max_pixels) for p in paths]
         pieces = [(render_chatml([dict(role="user", content=x)], system=None if k else system), False) if k % 2 == 0
                   else (x.replace("<image>", IMAGE) + IM_END + "\n", True) for k, x in enumerate(texts)]
         return pieces, images

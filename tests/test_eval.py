@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoints
 import eval as E
 
 MODEL = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", is_internvl=True, is_mpgui=False,
@@ -119,10 +120,10 @@ def test_a_failed_run_leaves_the_previous_outputs(tmp_path, monkeypatch):
 def test_write_atomic_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     path.write_text("old")
-    monkeypatch.setattr(E.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(checkpoints.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        E.write_atomic(str(path), "new")
+        checkpoints.write_atomic(str(path), "new")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]  # the temporary file is removed
     monkeypatch.undo()
-    E.write_atomic(str(path), "new")
+    checkpoints.write_atomic(str(path), "new")
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["summary.json"]

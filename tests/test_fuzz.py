@@ -6,7 +6,6 @@ surrogate values, img_size, navigation points, 16-bit grey, load totals, LLaMA-F
 import gzip
 import io
 import json
-import math
 import os
 import random
 import re
@@ -394,7 +393,7 @@ def test_pil_raises_syntax_error_for_corrupt_png_and_readers_skip_it(tmp_path, q
         with pytest.raises(SyntaxError, match="broken PNG"):
             im.convert("RGB")
     with pytest.raises(ValueError, match=f"unreadable image {re.escape(str(path))}: SyntaxError: broken PNG"):
-        formats._load_rgb(str(path))
+        formats.load_rgb(str(path))
     root = tmp_path / "ShowUI-desktop"
     os.makedirs(root / "images")
     path.rename(root / "images" / "c.png")
@@ -532,7 +531,7 @@ def test_16_bit_grey_is_scaled_to_8_bits(tmp_path):
     Image.fromarray(a).save(tmp_path / "g.png")
     with Image.open(tmp_path / "g.png") as im:
         assert im.mode.startswith("I")  # PIL's own RGB conversion clips this at 255
-    rgb = np.asarray(formats._load_rgb(str(tmp_path / "g.png")))
+    rgb = np.asarray(formats.load_rgb(str(tmp_path / "g.png")))
     assert rgb[0, :, 0].tolist() == [0, 1, 128, 255] and (rgb[..., 0] == rgb[..., 2]).all()
 
 
