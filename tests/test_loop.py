@@ -6,7 +6,6 @@ The FSDP side (one rank's micro-batch all skipped) is in test_train.py, beside t
 import json
 import os
 import random
-import shutil
 
 import pytest
 from PIL import Image
@@ -16,7 +15,7 @@ import checkpoints
 import formats
 import load
 import train
-from test_train import SHRINK, checkpoint, fixture, losses, train_args, trainable, write_dataset
+from test_train import SHRINK, checkpoint, fixture, losses, rerun_from_step_2, train_args, trainable, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["OK", "Cancel", "Save", "Open", "Close", "Help"]
@@ -52,19 +51,6 @@ def showui_args(data_dir, out, workers):
             f"--num_workers={workers}", "--min_pixels=6272", "--max_pixels=75264"]
 
 
-def rerun_from_step_2(run, out, args):
-    """A copy of run cut back to its step-2 checkpoint (the step-4 one and the records after step 2 gone), run again."""
-    shutil.copytree(run, out)
-    shutil.rmtree(checkpoint(out, 4))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        head = f.readlines()[:2]
-    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        f.writelines(head)
-    assert checkpoints.latest(out) == checkpoint(out, 2)
-    train.main(args)
-    return out
-
-
 @pytest.fixture(scope="module")
 def showui_runs(tmp_path_factory):
     """{workers: (4 steps in one go, the same stopped after step 2 and resumed)} for 0 and 2 DataLoader workers."""
@@ -74,7 +60,7 @@ def showui_runs(tmp_path_factory):
     for w in (0, 2):
         a, b = str(root / f"straight_{w}"), str(root / f"resumed_{w}")
         train.main(showui_args(data_dir, a, w))
-        runs[w] = (a, rerun_from_step_2(a, b, showui_args(data_dir, b, w)))
+        runs[w] = (a, rerun_from_step_2(a, b, lambda out: showui_args(data_dir, out, w)))
     return runs
 
 

@@ -326,15 +326,21 @@ def uninterrupted(meta, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(meta, uninterrupted, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("resume") / "b")
-    shutil.copytree(uninterrupted, out)
+    return rerun_from_step_2(uninterrupted, str(tmp_path_factory.mktemp("resume") / "b"),
+                             lambda out: resume_args(meta, out))
+
+
+def rerun_from_step_2(run, out, args):
+    """A copy of run cut back to its step-2 checkpoint (the step-4 one and the records after step 2 gone), then
+    train.main(args(out))."""
+    shutil.copytree(run, out)
     shutil.rmtree(checkpoint(out, 4))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         head = f.readlines()[:2]
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(head)
     assert checkpoints.latest(out) == checkpoint(out, 2)
-    train.main(resume_args(meta, out))
+    train.main(args(out))
     return out
 
 
