@@ -201,7 +201,8 @@ def run(m, tok, a, bench, answer_batch):
         raise ValueError(f"{a.data}: every ScreenSpot sample was skipped")
     scores = scorers.screenspot_scores(rows)
     summary = dict(bench="screenspot", layout=layout, data=a.data, model=m.folder, arch=m.cfg.arch, family=fam,
-                   prompt=prompt.replace("<image>", "<image: the screenshot>"), system=a.system, parse=parse.__doc__,
+                   prompt=prompt.replace("<image>", "<image: the screenshot>"), parse=parse.__doc__,
+                   system="the template's default" if a.system is None else a.system,
                    images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.is_internvl
                    else f"{a.min_pixels}..{a.max_pixels} pixels", padding="left",
                    decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>", n=len(rows),

@@ -142,3 +142,29 @@ def test_real_model_path_on_the_tiny_qwen2_vl(tmp_path):
         p = B.showui_point(r["answer"])
         assert r["point"] == (list(p) if p else None) and r["hit"] == scorers.point_in_box(p, r["box"])
     assert s["scores"]["n"] == 2 and s["images"] == f"{56 * 56}..{112 * 112} pixels"
+
+
+@pytest.mark.parametrize("arch,family,answers", [
+    ("internvl", "vlaser", ["<point>[[150, 150]]</point>", "<point>[[900, 900]]</point>"]),
+    ("mpgui", "mpgui", ["<ref>a</ref><box>[[100, 100, 200, 200]]</box>", "[[0, 0, 50, 50]]"])])
+def test_internvl_families_through_the_cli(tmp_path, monkeypatch, arch, family, answers):
+    """Vlaser's <point> prompt and MP-GUI's box prompt (scored at the box centre): first answer a hit, second a miss;
+    a Qwen family on an InternVL model is refused."""
+    folder = showui_dir(tmp_path / "ss", [rec("Save", [20, 10, 40, 20]), rec("Open", [20, 10, 40, 20])])
+    m = SimpleNamespace(folder="stand-in", parameters=lambda: [], cfg=SimpleNamespace(
+        arch=arch, is_internvl=True, is_mpgui=arch == "mpgui", template="internvl2_5", mpgui_mode="fusion"))
+    asked = []
+
+    def answer_batch(m, tok, prompts, a):
+        asked.extend(q for q, _, _ in prompts)
+        return answers[:len(prompts)], 0
+    monkeypatch.setattr(E, "answer_batch", answer_batch)
+    monkeypatch.setattr(E.load, "load_model", lambda *args, **kw: m)
+    monkeypatch.setattr(E.load, "load_tokenizer", lambda folder: None)
+    argv = ["--model", "x", "--bench", "screenspot", "--data", str(folder), "--out", str(tmp_path / "out")]
+    s = E.main(argv)
+    prompt = B.VLASER_PROMPT if family == "vlaser" else B.BOX_PROMPT
+    assert s["family"] == family and asked == [prompt.format("Save"), prompt.format("Open")]
+    assert s["scores"]["mobile/text"] == 0.5 and s["system"] == "the template's default"
+    with pytest.raises(ValueError, match=f"--family showui: its prompt does not fit a {arch} model"):
+        E.main(argv + ["--family", "showui"])
