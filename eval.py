@@ -5,6 +5,7 @@ or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summar
 
     python eval.py --model tests/fixtures/qwen2_vl_tiny --image examples/screen.png --prompt "Where is Save?"
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
+    python eval.py --model showlab/ShowUI-2B --bench screenspot --data ScreenSpot --out eval/screenspot
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import benchmarks
 import checkpoints
 import data
 import formats
@@ -207,10 +209,12 @@ def main(argv=None):
     p.add_argument("--mpgui-mode", choices=["textual", "graphical", "spatial", "fusion"],
                    help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
                         "scores a model after its own stage (1-3), before the fusion gate is trained")
+    benchmarks.add_args(p)
     a = p.parse_args(argv)
     try:  # a wrong --task, a broken dataset or image fail here, not after the model is loaded and a dataset decoded
         task_table(a.task)
-        plans = plan(a) if a.data else None
+        plans = plan(a) if a.data and not a.bench else None
+        bench = benchmarks.plan(a) if a.bench else None  # --bench NAME --data DIR: read in the upstream layout
     except (ValueError, OSError) as e:
         p.error(str(e))
     for why in filter(None, map(image_problem, a.image)):
@@ -225,6 +229,8 @@ def main(argv=None):
     tok = load.load_tokenizer(m.folder)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
+    if a.bench:
+        return benchmarks.run(m, tok, a, bench, answer_batch)
     if a.data:
         summary = evaluate(m, tok, a, plans)
         for name, r in summary["datasets"].items():
