@@ -11,6 +11,7 @@ import json
 import os
 import re
 import struct
+import sys
 import time
 
 import torch
@@ -90,6 +91,7 @@ def hub_snapshot(repo_id):
             return send(request, **kw)
         client.send = send_with_timeout
     client.guivlm_timeout = timeout
+    http = sys.modules[type(client).__module__.split(".")[0]]  # the client's HTTP library (httpx, or httpx2)
     endpoint, offline, t0 = constants.ENDPOINT, constants.HF_HUB_OFFLINE, time.time()
     try:
         return hub.snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"],
@@ -97,7 +99,7 @@ def hub_snapshot(repo_id):
     except RepositoryNotFoundError:  # also a gated or private repo without a token
         raise SystemExit(f"{repo_id}: no such repo on the hub ({endpoint}), or it is gated or private and needs a "
                          "token (hf auth login)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, HfHubHTTPError.__mro__[1]) as e:  # [1]: the HTTP lib's base
+    except (LocalEntryNotFoundError, HfHubHTTPError, http.HTTPError) as e:  # HTTPError: timeouts, refused connections
         if offline:
             raise SystemExit(f"{repo_id} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
                              "HF_HUB_OFFLINE=1; pass a local folder, or unset HF_HUB_OFFLINE to download it") from None
