@@ -143,17 +143,12 @@ def read_state(ckpt):
 def load(path, m, opt, sched, rank):
     """Checkpoint folder path into the model, optimizer and scheduler, and this rank's RNG; (step, data position)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    if not os.path.isfile(os.path.join(path, TRAINABLE)):
-        raise FileNotFoundError(f"{path}: no {TRAINABLE}" + (" (a pickle checkpoint of an older version: train.py "
-                                "loads no pickle; start the run again)" if os.path.exists(
-                                    os.path.join(path, "trainable.pt")) else ""))
+    state = read_state(path)  # every file there and whole, or stop naming it (an old pickle one: refused, not read)
     weights = load_file(os.path.join(path, TRAINABLE))
     moments = {}
     for key, t in load_file(os.path.join(path, "optimizer.safetensors")).items():
         name, k = key.split("::")
         moments.setdefault(name, {})[k] = t
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
     set_state_dict(m, opt, model_state_dict=weights, optim_state_dict=dict(state=moments,
                                                                           param_groups=state["param_groups"]),
                    options=StateDictOptions(full_state_dict=True, strict=False))
