@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole MP-GUI recipe on a CPU: a synthetic GUI world and a random-init tiny InternVL2-layout model (world.py),
+# The whole MP-GUI recipe on a CPU: a synthetic GUI world and a random-init tiny InternVL2-layout model (tools/world.py),
 # then the five stages in order -- train, merge, next -- with the official stage configs, then evaluation on the
 # held-out screens. Usage: bash demo.sh [OUT] [SCALE]; SCALE multiplies the steps (default 1: 8.5 min on 2 cores).
 set -euo pipefail
@@ -19,7 +19,7 @@ if [ -e "$OUT" ] || [ -L "$OUT" ]; then
 fi
 mkdir -p "$OUT"
 touch "$MARK"
-python world.py "$OUT" 600 100
+python tools/world.py "$OUT" 600 100
 # What the tiny model changes in the official configs (configs/*.json): one 112-px tile, fp32 on the CPU, no
 # regularisers, learning rates for a 3.6M-parameter model (Adam beta2 0.95 keeps them stable), LoRA r32 on the LLM,
 # and a step budget per stage. Most of the budget goes to the graphical stage: choosing the icon that the question's

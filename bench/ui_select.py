@@ -19,7 +19,7 @@ import data  # noqa: E402
 import load  # noqa: E402
 import model as M  # noqa: E402
 import token_select  # noqa: E402
-import world  # noqa: E402
+from tools import world  # noqa: E402
 
 IMG, VS, VE = 500, 501, 502
 MIN, MAX = 256 * 28 * 28, 1344 * 28 * 28  # train.py's defaults (ShowUI's visual-token bounds)

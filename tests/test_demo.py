@@ -11,7 +11,7 @@ import pytest
 import eval as E
 import merge
 import train
-import world
+from tools import world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARGIN = 0.45  # relation accuracy at least this far above the majority answer (~0.25, five balanced types); 0.89 seen

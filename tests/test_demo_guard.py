@@ -1,6 +1,6 @@
 """demo.sh clears OUT only when it wrote it (its marker file) or OUT is an empty folder; anything else is refused
 before any work. `python` is replaced on PATH by a stub that records its arguments and fails, so no test here runs
-the 15-minute demo: the stub stops demo.sh at its first python command (world.py)."""
+the 15-minute demo: the stub stops demo.sh at its first python command (tools/world.py)."""
 import os
 import stat
 import subprocess
@@ -28,7 +28,7 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     user.mkdir()
     (user / "notes.txt").write_text("mine")
     rc, err, calls = demo(tmp_path, user)
-    assert rc == 1 and calls == [], (rc, err, calls)  # refused before world.py or anything else ran
+    assert rc == 1 and calls == [], (rc, err, calls)  # refused before tools/world.py or anything else ran
     assert err.strip().splitlines() == [f"demo.sh: {user} exists and was not written by demo.sh (no "
                                         f"{user}/.written-by-demo.sh); give another OUT or move it away"]
     assert os.listdir(user) == ["notes.txt"] and (user / "notes.txt").read_text() == "mine"
@@ -41,13 +41,13 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
 def test_demo_clears_its_own_folder_and_marks_a_new_one(tmp_path):
     """A second run over demo.sh's own OUT (as `bash demo.sh` twice in a row) clears it; so does an empty folder."""
     out = tmp_path / "demo"
-    rc, err, calls = demo(tmp_path, out)  # fresh: created and marked, then world.py (the stub fails it)
-    assert rc == 3 and calls == [f"world.py {out} 600 100"], (rc, err, calls)
+    rc, err, calls = demo(tmp_path, out)  # fresh: created and marked, then tools/world.py (the stub fails it)
+    assert rc == 3 and calls == [f"tools/world.py {out} 600 100"], (rc, err, calls)
     assert os.listdir(out) == [".written-by-demo.sh"]
     (out / "train_textual.log").write_text("old run")
     rc, err, calls = demo(tmp_path, out)
-    assert rc == 3 and calls == [f"world.py {out} 600 100"] and os.listdir(out) == [".written-by-demo.sh"], err
+    assert rc == 3 and calls == [f"tools/world.py {out} 600 100"] and os.listdir(out) == [".written-by-demo.sh"], err
     empty = tmp_path / "empty"
     empty.mkdir()
     rc, err, calls = demo(tmp_path, empty)
-    assert rc == 3 and calls == [f"world.py {empty} 600 100"] and os.listdir(empty) == [".written-by-demo.sh"], err
+    assert rc == 3 and calls == [f"tools/world.py {empty} 600 100"] and os.listdir(empty) == [".written-by-demo.sh"], err

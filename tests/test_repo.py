@@ -184,7 +184,7 @@ def test_the_rules_catch_a_bad_tree(tmp_path):
     assert unlisted_in_readme(root) == ["big.py"]
 
 
-CLIS = ["train.py", "eval.py", "merge.py", "world.py", "tools/aitw.py", "tools/srp.py", "tools/synth.py",
+CLIS = ["train.py", "eval.py", "merge.py", "tools/world.py", "tools/aitw.py", "tools/srp.py", "tools/synth.py",
         "tools/tiny_tokenizer.py", "tests/parity.py", "bench/decode.py", "bench/qwen_step.py", "bench/train_step.py",
         "bench/ui_select.py"]
 

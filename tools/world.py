@@ -10,15 +10,17 @@ import argparse
 import json
 import os
 import random
+import sys
 
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-import data
-import load
-import model
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import load  # noqa: E402
+import model  # noqa: E402
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
           "purple": (140, 50, 170), "orange": (240, 130, 20)}
