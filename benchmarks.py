@@ -178,25 +178,28 @@ def table(scores, fam):
             "is a miss.\n")
 
 
-def run(m, tok, a, bench, answer_batch):
-    """Every sample through answer_batch, scored with scorers.screenspot_scores; the three files written at the end."""
+def run(m, tok, a, bench, answer_batch, length_batches):
+    """Every sample through answer_batch, longest first (length_batches), scored in file order; three files."""
     samples, skipped, layout = bench
     fam = family(a, m.cfg)
     prompt, system, parse, _ = FAMILIES[fam]
     a = SimpleNamespace(**{**vars(a), "system": system if a.system is None else a.system})  # --system wins
-    skipped, rows = list(skipped), []
-    for i in tqdm(range(0, len(samples), a.batch_size), desc="screenspot"):
-        batch, prompts = [], []
-        for s in samples[i:i + a.batch_size]:
+    rows, failed = {}, {}
+    order = length_batches(m, tok, a, [(prompt.format(s["instruction"]), [s["image"]], None) for s in samples])
+    for batch in tqdm(order, desc="screenspot"):
+        idx, prompts = [], []
+        for i in batch:
+            s = samples[i]
             try:
                 prompts.append((prompt.format(s["instruction"]), [formats.load_rgb(s["image"])], None))
-                batch.append(s)
+                idx.append(i)
             except ValueError as e:  # the header read but the pixels do not decode
-                skipped.append(f"{s['file']}: record {s['record']}: {e}")
-                print(f"skip {skipped[-1]}")
-        for s, text in zip(batch, answer_batch(m, tok, prompts, a)[0] if prompts else []):
+                failed[i] = f"{s['file']}: record {s['record']}: {e}"
+                print(f"skip {failed[i]}")
+        for i, text in zip(idx, answer_batch(m, tok, prompts, a)[0] if prompts else []):
             p = parse(text)
-            rows.append(dict(s, answer=text, point=p, hit=scorers.point_in_box(p, s["box"])))
+            rows[i] = dict(samples[i], answer=text, point=p, hit=scorers.point_in_box(p, samples[i]["box"]))
+    rows, skipped = [rows[i] for i in sorted(rows)], list(skipped) + [failed[i] for i in sorted(failed)]
     if not rows:
         raise ValueError(f"{a.data}: every ScreenSpot sample was skipped")
     scores = scorers.screenspot_scores(rows)

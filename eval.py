@@ -9,6 +9,7 @@ or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summar
 """
 import argparse
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -57,6 +58,25 @@ def answer_batch(m, tok, prompts, a):
     out = m.generate(ids.to(device), mask.to(device), max_new_tokens=a.max_new_tokens,
                      eos_token_ids=[eos] if eos is not None else None, **vision).tolist()
     return [tok.decode(o[:o.index(eos)] if eos in o else o, skip_special_tokens=True).strip() for o in out], T
+
+
+def prompt_length(m, tok, a, question, paths, max_tiles=None):
+    """encode's token count less the template's (fixed for a run and image count; +-1 where the question meets it),
+    from header sizes: Qwen's smart_resize grid / 4, InternVL's num_image_token per internvl_grid tile (+ thumbnail)."""
+    n = len(tok.encode(question.replace("<image>", ""), add_special_tokens=False).ids)
+    for w, h in map(formats.header_size, paths):
+        if m.cfg.is_internvl:
+            c, r = data.internvl_grid(w, h, 1, max_tiles or a.max_tiles, m.cfg.vit_image_size)
+            n += m.cfg.num_image_token * (c * r + (c * r > 1)) * (1 + m.cfg.is_mpgui)
+        else:
+            n += math.prod(data.smart_resize(h, w, 28, a.min_pixels, a.max_pixels)) // 28**2
+    return n
+
+
+def length_batches(m, tok, a, prompts):
+    """[(question, image paths, max_tiles)] -> index batches, longest first (ties in file order): little padding."""
+    order = sorted(range(len(prompts)), key=lambda j: -prompt_length(m, tok, a, *prompts[j]))  # stable: ties kept
+    return [order[i:i + a.batch_size] for i in range(0, len(order), a.batch_size)]
 
 
 def task_table(task_args):
@@ -149,25 +169,27 @@ def evaluate(m, tok, a, plans=None):
     predictions = []
     for spec, kind, rows, runs, skipped in plans or plan(a):
         max_tiles = spec["max_dynamic_patch"]  # the dataset's own tile budget; None: --max-tiles
-        preds, bad, skipped = {k: {} for k in runs}, set(), list(skipped)
+        preds, bad = {k: {} for k in runs}, {}  # bad: row -> why, run by run in file order, as unsorted
         for k, imgs in runs.items():
-            progress = spec["name"] + k.removeprefix("prediction")  # e.g. "re", "re_shuffled_images"
-            for i in tqdm(range(0, len(rows), a.batch_size), desc=progress):
+            progress, failed = spec["name"] + k.removeprefix("prediction"), {}  # e.g. "re", "re_shuffled_images"
+            order = length_batches(m, tok, a, [(r["question"], imgs[j], max_tiles) for j, r in enumerate(rows)])
+            for batch in tqdm(order, desc=progress):
                 prompts, idx = [], []
-                for j in range(i, min(i + a.batch_size, len(rows))):
+                for j in batch:
                     if j in bad:
                         continue
                     try:  # a file whose header read but whose pixels do not decode is skipped here
                         images = [formats.load_rgb(p) for p in imgs[j]]
                     except ValueError as e:  # load_rgb: any decode error, naming the file
-                        bad.add(j)
-                        skipped.append(f"{spec['annotation']}:{rows[j]['line']}: {e}")
-                        print(f"skip {skipped[-1]}")
+                        failed[j] = f"{spec['annotation']}:{rows[j]['line']}: {e}"
+                        print(f"skip {failed[j]}")
                         continue
                     prompts.append((rows[j]["question"], images, max_tiles))
                     idx.append(j)
                 if prompts:
                     preds[k].update(zip(idx, answer_batch(m, tok, prompts, a)[0]))
+            bad.update(sorted(failed.items()))
+        skipped = list(skipped) + list(bad.values())
         keep = [j for j in range(len(rows)) if j not in bad]  # answered in every run
         if not keep:
             raise ValueError(f"{a.data}: dataset {spec['name']!r}: every sample was skipped")
@@ -203,6 +225,7 @@ def main(argv=None):
     p.add_argument("--max-tiles", type=int, default=12, help="InternVL: max 448-px tiles per image (+ thumbnail)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; README: speed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shuffled-images", action="store_true", help="--data: also score every question asked of "
                    "another screen of its dataset, to show how much of a score comes from the image, not the text")
@@ -226,11 +249,13 @@ def main(argv=None):
         raise SystemExit(f"eval.py: {e}") from None
     if a.mpgui_mode and not m.cfg.is_mpgui:
         p.error(f"--mpgui-mode: {a.model} is {m.cfg.arch}, not an MP-GUI checkpoint")
+    if a.compile:  # dynamic: the cached length grows by one each step
+        m.decode_step = torch.compile(m.decode_step, dynamic=True)
     tok = load.load_tokenizer(m.folder)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
     if a.bench:
-        return benchmarks.run(m, tok, a, bench, answer_batch)
+        return benchmarks.run(m, tok, a, bench, answer_batch, length_batches)
     if a.data:
         summary = evaluate(m, tok, a, plans)
         for name, r in summary["datasets"].items():

@@ -827,8 +827,11 @@ class VLM(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], 1)
             step_pos = (nxt + step).view(B, 1) if pos.dim() == 2 else (nxt + step).view(1, B, 1).expand(3, B, 1)
-            tok = self.head(self.hidden(tok[:, None], mask, step_pos, cache)[:, -1]).argmax(-1)
+            tok = self.decode_step(tok[:, None], mask, step_pos, cache)
         return torch.stack(out, 1)
+
+    def decode_step(self, tok, mask, pos, cache):  # tok (B, 1) after the cache -> next (B,); eval.py --compile
+        return self.head(self.hidden(tok, mask, pos, cache)[:, -1]).argmax(-1)
 
 
 # LoRA's default targets: every nn.Linear of a block, by name suffix (what PEFT's target_modules match)

@@ -94,6 +94,7 @@ def test_cli_end_to_end_with_injected_answers(tmp_path, monkeypatch):
         calls.append((prompts, a.system))
         return [ANSWERS[q.rsplit("<image>", 1)[1]] for q, _, _ in prompts], 0
     monkeypatch.setattr(E, "answer_batch", answer_batch)
+    monkeypatch.setattr(E, "prompt_length", lambda *args: 0)  # no tokenizer: one length, file order
     monkeypatch.setattr(E.load, "load_model", lambda *args, **kw: QWEN)
     monkeypatch.setattr(E.load, "load_tokenizer", lambda folder: None)
     out = tmp_path / "out"
@@ -159,6 +160,7 @@ def test_internvl_families_through_the_cli(tmp_path, monkeypatch, arch, family, 
         asked.extend(q for q, _, _ in prompts)
         return answers[:len(prompts)], 0
     monkeypatch.setattr(E, "answer_batch", answer_batch)
+    monkeypatch.setattr(E, "prompt_length", lambda *args: 0)  # no tokenizer: one length, file order
     monkeypatch.setattr(E.load, "load_model", lambda *args, **kw: m)
     monkeypatch.setattr(E.load, "load_tokenizer", lambda folder: None)
     argv = ["--model", "x", "--bench", "screenspot", "--data", str(folder), "--out", str(tmp_path / "out")]

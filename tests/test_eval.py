@@ -17,6 +17,12 @@ MODEL = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", 
                                                                 template="internlm2-chat"))
 
 
+@pytest.fixture(autouse=True)
+def file_order(monkeypatch):
+    """The stand-in has no tokenizer: every prompt the same length, so batches keep file order."""
+    monkeypatch.setattr(E, "prompt_length", lambda m, tok, a, question, paths, max_tiles=None: 0)
+
+
 def write_dataset(folder, name, images):
     """name.jsonl: one question per image name, answered with the name; the meta entry for it."""
     with open(folder / f"{name}.jsonl", "w") as f:
