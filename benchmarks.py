@@ -185,16 +185,15 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     prompt, system, parse, _ = FAMILIES[fam]
     a = SimpleNamespace(**{**vars(a), "system": system if a.system is None else a.system})  # --system wins
     rows, failed = {}, {}
-    order = length_batches(m, tok, a, [(prompt.format(s["instruction"]), [s["image"]], None) for s in samples])
-    for batch in tqdm(order, desc="screenspot"):
+    asks = [(prompt.format(s["instruction"]), [s["image"]], None) for s in samples]  # image paths: no pixels yet
+    for batch in tqdm(length_batches(m, tok, a, asks), desc="screenspot"):
         idx, prompts = [], []
         for i in batch:
-            s = samples[i]
             try:
-                prompts.append((prompt.format(s["instruction"]), [formats.load_rgb(s["image"])], None))
+                prompts.append((asks[i][0], [formats.load_rgb(samples[i]["image"])], None))
                 idx.append(i)
             except ValueError as e:  # the header read but the pixels do not decode
-                failed[i] = f"{s['file']}: record {s['record']}: {e}"
+                failed[i] = f"{samples[i]['file']}: record {samples[i]['record']}: {e}"
                 print(f"skip {failed[i]}")
         for i, text in zip(idx, answer_batch(m, tok, prompts, a)[0] if prompts else []):
             p = parse(text)
