@@ -80,8 +80,12 @@ def test_a_rerun_replaces_the_pictures_and_misses_are_capped(rows, tmp_path):
     assert len(os.listdir(folder)) == 7 + 2
     B.visualize([dict(r, hit=True) for r in rows[:2]], str(folder), 1)  # no miss now: the old grids go too
     assert os.listdir(folder) == ["000_hit.png"]
-    B.visualize(rows[4:] * 4, str(folder), 0, misses=5)  # 12 web misses, the first 5 drawn: 3 + 2 cells
-    assert os.listdir(folder) == ["misses_web.png"] and Image.open(folder / "misses_web.png").size == (972, 360)
+    B.visualize(rows[4:] * 4, str(folder), 0)  # 12 web misses, the first 9 drawn (the default): 3 x 3 cells
+    assert os.listdir(folder) == ["misses_web.png"] and Image.open(folder / "misses_web.png").size == (972, 540)
+    B.visualize(rows[4:] * 4, str(folder), 0, misses=5)  # the first 5: 3 + 2 cells, the sixth left white
+    f = folder / "misses_web.png"
+    assert Image.open(f).size == (972, 360)
+    assert px(f, 324 + 32, 180 + 48) == B.GOLD and px(f, 2 * 324 + 32, 180 + 48) == WHITE
 
 
 def test_cli_visualize_with_mpgui_boxes_and_bad_arguments(tmp_path, monkeypatch, capsys):
