@@ -239,8 +239,8 @@ def picture(r, size=800):
     out = ImageOps.expand(im.resize((W, H)), (0, 0, 0, 4 + 12 * len(lines)), "white")
     d = ImageDraw.Draw(out)
     for b, c in ((r["box"], GOLD), (r.get("pred_box"), colour)):
-        if b:
-            d.rectangle([round(b[0] * W), round(b[1] * H), round(b[2] * W), round(b[3] * H)], outline=c, width=2)
+        if b:  # drawn through its corners: a model's box may come reversed (x2 < x1), which PIL's rectangle refuses
+            d.polygon([(b[i] * W, b[j] * H) for i, j in ((0, 1), (2, 1), (2, 3), (0, 3))], outline=c, width=2)
     if (p := r["point"]) is not None:
         d.ellipse([p[0] * W - 5, p[1] * H - 5, p[0] * W + 5, p[1] * H + 5], fill=colour, outline="white", width=2)
     d.multiline_text((3, H + 2), "\n".join(lines), fill=colour, spacing=2)  # 12-px lines
@@ -248,9 +248,9 @@ def picture(r, size=800):
 
 
 def visualize(rows, folder, n, misses=9, cell=320):
-    """Pictures of any benchmark's rows: dicts of image (path), instruction, split, box (gold, 0-1 xyxy), point (0-1
-    or None), hit, optional pred_box (0-1 xyxy) and answer. -> folder: NNN_hit|miss.png (NNN: row index) for the first
-    n rows, misses_SPLIT.png grids of each split's first misses; drawn in folder.tmp, which then replaces folder."""
+    """Pictures of any benchmark's rows, dicts of image (path), instruction, split (a word: it names a file), box (gold,
+    0-1 xyxy), point (0-1 or None), hit, optional pred_box (0-1 xyxy), answer -> folder: NNN_hit|miss.png (NNN: row
+    index) for the first n rows, misses_SPLIT.png grids of each split's first misses; drawn in folder.tmp, renamed."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

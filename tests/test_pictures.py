@@ -41,7 +41,7 @@ def rows(tmp_path):
     row = lambda split, point, hit, **kw: dict(dict(image=big, instruction="go", split=split, box=box, point=point,
                                                     hit=hit), **kw)
     return [row("mobile", (0.2, 0.3), True), row("mobile", (0.9, 0.9), False),
-            row("web", None, False, pred_box=(0.5, 0.5, 0.7, 0.7)), row("desktop", (0.2, 0.3), True, image=small),
+            row("web", None, False, pred_box=(0.7, 0.7, 0.5, 0.5)), row("desktop", (0.2, 0.3), True, image=small),
             row("web", (0.0, 0.0), False), row("web", (0.0, 0.0), False), row("web", (0.0, 0.0), False)]
 
 
@@ -61,7 +61,7 @@ def test_pictures_files_names_and_pixels(rows, tmp_path):
     assert caption_hue(f, 400) == "blue"
     f = folder / "001_miss.png"
     assert px(f, 720, 360) == B.MISS and px(f, 160, 120) == WHITE and caption_hue(f, 400) == "red"
-    f = folder / "002_miss.png"  # no point; the predicted box (0.5, 0.5, 0.7, 0.7) -> x 400..560, y 200..280
+    f = folder / "002_miss.png"  # no point; the predicted box, reversed, (0.7, 0.7, 0.5, 0.5) -> x 400..560, y 200..280
     assert px(f, 400, 240) == px(f, 560, 240) == px(f, 480, 280) == B.MISS and px(f, 480, 240) == WHITE
     assert px(f, 80, 120) == B.GOLD
     f = folder / "003_hit.png"  # scale 1: the gold box x 20..60, y 20..40; the point at (40, 30)
