@@ -7,14 +7,17 @@ ScreenSpot comes in two layouts, both read here:
              data_type, data_source}, images under DIR/screenspot_imgs/ (its screenspot_test.py arguments)
 Every record is checked before the model loads: a malformed one (a missing field, a bad bbox, split or type) is an
 error naming file, record index and reason (all of them at once: the benchmark itself is broken); a missing or
-unreadable image is a counted skip, named and printed. Each family is asked as its own source asks it (FAMILIES);
-an unparsable answer is a miss (ShowUI's rule; TongUI's vLLM script drops them, reported beside as
-`skip_unparsable`). The outputs (predictions.jsonl, summary.json, results.md) are written atomically at the end.
+unreadable image is a counted skip, named and printed. Each family is asked as its own source asks it (FAMILIES); an
+unparsable answer is a miss (ShowUI's rule; TongUI's vLLM script drops them, reported beside as `skip_unparsable`).
+predictions.jsonl, summary.json and results.md are written atomically at the end, then any --visualize pictures.
 """
 import json
 import os
+import shutil
+import textwrap
 from types import SimpleNamespace
 
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 import checkpoints
@@ -75,6 +78,8 @@ def add_args(p):
     p.add_argument("--bench", choices=["screenspot"], help="benchmark read from --data DIR in its upstream layout")
     p.add_argument("--family", choices=FAMILIES, help="--bench: prompt and parse rules (default: by architecture: "
                    "qwen2_vl showui, qwen2_5_vl tongui, internvl vlaser, mpgui mpgui)")
+    p.add_argument("--visualize", type=int, default=0, metavar="N", help="--bench: draw the first N samples and a "
+                   "grid of each split's first misses into OUT/pictures/ (gold box, prediction, hit or miss)")
 
 
 def _num(v):
@@ -198,6 +203,8 @@ def run(m, tok, a, bench, answer_batch, length_batches):
         for i, text in zip(idx, answer_batch(m, tok, prompts, a)[0] if prompts else []):
             p = parse(text)
             rows[i] = dict(samples[i], answer=text, point=p, hit=scorers.point_in_box(p, samples[i]["box"]))
+            if fam == "mpgui":  # the box it answered, for the pictures
+                rows[i]["pred_box"] = scorers.parse_box(text)
     rows, skipped = [rows[i] for i in sorted(rows)], list(skipped) + [failed[i] for i in sorted(failed)]
     if not rows:
         raise ValueError(f"{a.data}: every ScreenSpot sample was skipped")
@@ -216,4 +223,48 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
     checkpoints.write_atomic(os.path.join(a.out, "results.md"), table(scores, fam))
     print(table(scores, fam))
+    if a.visualize:  # after the scores and their files: a picture that fails to draw costs no result
+        visualize(rows, os.path.join(a.out, "pictures"), a.visualize)
     return summary
+
+
+GOLD, HIT, MISS = (0, 170, 0), (0, 90, 255), (230, 0, 0)  # the gold box green; a prediction blue (hit) or red
+
+
+def picture(r, size=800):
+    """One row drawn, longer side <= size px: gold box, predicted dot and box in the hit or miss colour, caption."""
+    im = formats.load_rgb(r["image"])
+    W, H = (round(v * min(1, size / max(im.size))) for v in im.size)
+    colour, word = (HIT, "HIT") if r["hit"] else (MISS, "MISS")
+    text = f"{word} [{r['split']}] {r['instruction']}" + (f" -> {r['answer']}" if "answer" in r else "")
+    lines = textwrap.wrap(text, max(10, W // 8), max_lines=6)  # PIL's default font: 10 px, <= 8 px a character
+    out = ImageOps.expand(im.resize((W, H)), (0, 0, 0, 4 + 12 * len(lines)), "white")
+    d = ImageDraw.Draw(out)
+    for b, c in ((r["box"], GOLD), (r.get("pred_box"), colour)):
+        if b:  # drawn through its corners: a model's box may come reversed (x2 < x1), which PIL's rectangle refuses
+            d.polygon([(b[i] * W, b[j] * H) for i, j in ((0, 1), (2, 1), (2, 3), (0, 3))], outline=c, width=2)
+    if (p := r["point"]) is not None:
+        d.ellipse([p[0] * W - 5, p[1] * H - 5, p[0] * W + 5, p[1] * H + 5], fill=colour, outline="white", width=2)
+    d.multiline_text((3, H + 2), "\n".join(lines), fill=colour, spacing=2)  # 12-px lines
+    return out
+
+
+def visualize(rows, folder, n, misses=9, cell=320):
+    """Pictures of any benchmark's rows, dicts of image (path), instruction, split (a word: it names a file), box (gold,
+    0-1 xyxy), point (0-1 or None), hit, optional pred_box (0-1 xyxy), answer -> folder: NNN_hit|miss.png (NNN: row
+    index) for the first n rows, misses_SPLIT.png grids of each split's first misses; drawn in folder.tmp, renamed."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for i, r in enumerate(rows[:n]):
+        picture(r).save(os.path.join(tmp, f"{i:03d}_{'hit' if r['hit'] else 'miss'}.png"))
+    for split in dict.fromkeys(r["split"] for r in rows):
+        if wrong := [r for r in rows if r["split"] == split and not r["hit"]][:misses]:
+            thumbs = [picture(r, cell) for r in wrong]
+            w, h = (max(t.size[i] for t in thumbs) + 4 for i in (0, 1))  # cells of w x h, three a row
+            grid = Image.new("RGB", (w * min(3, len(thumbs)), h * -(-len(thumbs) // 3)), "white")
+            for k, t in enumerate(thumbs):
+                grid.paste(t, (w * (k % 3), h * (k // 3)))
+            grid.save(os.path.join(tmp, f"misses_{split}.png"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)

@@ -5,7 +5,7 @@ or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summar
 
     python eval.py --model tests/fixtures/qwen2_vl_tiny --image examples/screen.png --prompt "Where is Save?"
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
-    python eval.py --model showlab/ShowUI-2B --bench screenspot --data ScreenSpot --out eval/screenspot
+    python eval.py --model showlab/ShowUI-2B --bench screenspot --data ScreenSpot --out eval/screenspot --visualize 20
 """
 import argparse
 import json
@@ -236,6 +236,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:  # a wrong --task, a broken dataset or image fail here, not after the model is loaded and a dataset decoded
         task_table(a.task)
+        if a.visualize < 0 or a.visualize and not a.bench:  # pictures are drawn of a benchmark's rows
+            raise ValueError(f"--visualize {a.visualize}: give N >= 0, with --bench NAME")
         plans = plan(a) if a.data and not a.bench else None
         bench = benchmarks.plan(a) if a.bench else None  # --bench NAME --data DIR: read in the upstream layout
     except (ValueError, OSError) as e:
