@@ -94,6 +94,7 @@ def test_cli_visualize_with_mpgui_boxes_and_bad_arguments(tmp_path, monkeypatch,
         arch="mpgui", is_internvl=True, is_mpgui=True, template="internvl2_5", mpgui_mode="fusion"))
     answers = ["<ref>a</ref><box>[[100, 100, 200, 200]]</box>", "[[0, 0, 100, 100]]"]  # centres: hit, miss
     monkeypatch.setattr(E, "answer_batch", lambda m, tok, prompts, a: (answers[:len(prompts)], 0))
+    monkeypatch.setattr(E, "prompt_length", lambda *args: 0)  # no tokenizer: one length, file order
     monkeypatch.setattr(E.load, "load_model", lambda *args, **kw: m)
     monkeypatch.setattr(E.load, "load_tokenizer", lambda folder: None)
     out = tmp_path / "out"
