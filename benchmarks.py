@@ -288,6 +288,14 @@ def table(scores, fam):
                     "(macro); micro is all hits over all samples. An unparsable answer is a miss.")
 
 
+def point_table(scores):
+    return markdown("Vlaser point sets", ["set", "n", "points inside / counted", "precision"],
+                    [[k, v["n"], f"{v['inside']} / {v['counted']}", f"{100 * v['precision']:.1f}"]
+                     for k, v in scores.items()],
+                    "Precision as Vlaser's scripts print it: answer points inside the gold region (PACO mask, PixMo "
+                    "radius) over all answer points, an answer without one counting one miss.")
+
+
 def run(m, tok, a, bench, answer_batch):
     """Every sample through answer_batch, scored with scorers.screenspot_scores (vlaser_points: point_hits, Vlaser's
     prompt with the scripts' leading space and tiles); the three files written at the end."""
@@ -324,10 +332,7 @@ def run(m, tok, a, bench, answer_batch):
                    unparsable=sum(r["point"] is None for r in rows), scores=scores,
                    skip_unparsable=score([r for r in rows if r["point"] is not None]),
                    skipped=len(skipped), skipped_samples=skipped)
-    md = markdown("Vlaser point sets", ["set", "n", "points inside / counted", "precision"], [
-        [k, v["n"], f"{v['inside']} / {v['counted']}", f"{100 * v['precision']:.1f}"] for k, v in scores.items()],
-        "Vlaser's precision: answer points in the gold region over all answer points (none: one miss).") \
-        if points else table(scores, fam)
+    md = point_table(scores) if points else table(scores, fam)
     os.makedirs(a.out, exist_ok=True)
     checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
