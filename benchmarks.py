@@ -124,7 +124,9 @@ def read_screenspot(folder, limit=0):
     meta = os.path.join(folder, "metadata", "hf_test_full.json")
     if os.path.isfile(meta):
         layout, files, images = "showui", [(meta, None)], os.path.join(folder, "images")
-    else:  # v2 where any of its files is there
+    else:  # v2 where any of its files is there. The names are the HF tree's of OS-Copilot/ScreenSpot-v2 (main
+        # 5efbb1f; screenspotv2_image.zip unzips to screenspotv2_image/); the record fields and text|icon types are
+        # SeeClick's as the OS-Atlas-derived screenspot_test scripts read them (the JSON itself was not opened)
         v2 = any(os.path.isfile(os.path.join(folder, f"screenspot_{s}_v2.json")) for s in SPLITS)
         layout, images, tail = ("v2", "screenspotv2_image", "_v2") if v2 else ("seeclick", "screenspot_imgs", "")
         files = [(p, s) for s in SPLITS if os.path.isfile(p := os.path.join(folder, f"screenspot_{s}{tail}.json"))]
@@ -180,7 +182,8 @@ def point_problem(r):
 # Vlaser's evaluate_point_{pixmo,paco}.py read one --data-path jsonl of InternVL lines {image, width, height,
 # conversations[, segmentation (PACO)]}, a sample per human turn with <ref>expr</ref>, the PixMo gold the [x, y]
 # (0-1000) of the gpt turn with that <ref> (a sample without any is dropped there: a listed skip here); the images
-# sit under a fixed cluster path there, under --data here
+# sit under a fixed cluster path there, under --data here. Unverified: the eval files themselves are not published,
+# so that their gold [x, y] are on the prompt's 0-1000 grid is assumed (the radius compares them with the answers')
 def read_points(folder, limit=0):
     """Every folder/*.jsonl, one set each -> (samples with set, size and polygons or gold, skipped, "vlaser")."""
     samples, skipped, bad = [], [], []
@@ -303,7 +306,9 @@ def run(m, tok, a, bench, answer_batch):
     points = a.bench == "vlaser_points"
     fam = family(a, m.cfg, "vlaser" if points else None)
     prompt, system, parse, _ = FAMILIES[fam]
-    prompt, tiles = (" " + prompt, VLASER_TILES) if points else (prompt, None)  # model.chat: '<image>\n' + question
+    # Vlaser's question is ' You are InternVL...' and model.chat puts '<image>\n' before it; its scripts decode up to
+    # 100 new tokens (pass --max-new-tokens 100 for long point lists)
+    prompt, tiles = (" " + prompt, VLASER_TILES) if points else (prompt, None)
     score = point_scores if points else scorers.screenspot_scores
     hits = point_hits if points else lambda t, s: dict(point=parse(t), hit=scorers.point_in_box(parse(t), s["box"]))
     a = SimpleNamespace(**{**vars(a), "system": system if a.system is None else a.system})  # --system wins
