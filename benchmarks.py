@@ -119,7 +119,7 @@ def check_record(r, seeclick):
 
 
 def read_screenspot(folder, limit=0):
-    """ScreenSpot under folder in either layout -> (samples, skipped, layout); samples carry file, record, image,
+    """ScreenSpot under folder in any of its layouts -> (samples, skipped, layout); samples carry file, record, image,
     instruction, split, data_type and the gold box normalised to 0-1 xyxy. Malformed records raise (all listed)."""
     meta = os.path.join(folder, "metadata", "hf_test_full.json")
     if os.path.isfile(meta):
