@@ -1,10 +1,12 @@
-"""Benchmarks read in the layout their authors distribute, for eval.py --bench NAME --data DIR (ScreenSpot so far).
+"""Benchmarks read in the layout their authors distribute, for eval.py --bench NAME --data DIR.
 
-ScreenSpot comes in two layouts, both read here:
+ScreenSpot comes in three layouts, all read here (v2: OS-Copilot/ScreenSpot-v2, SeeClick's records renamed):
     ShowUI   DIR/metadata/hf_test_full.json: a list of {img_url, task, bbox [x, y, w, h] px, img_size [w, h],
              split mobile|desktop|web, data_type text|icon}, images under DIR/images/
     SeeClick DIR/screenspot_{mobile,desktop,web}.json: lists of {img_filename, instruction, bbox [x, y, w, h] px,
              data_type, data_source}, images under DIR/screenspot_imgs/ (its screenspot_test.py arguments)
+    v2       DIR/screenspot_{mobile,desktop,web}_v2.json, images under DIR/screenspotv2_image/
+vlaser_points reads Vlaser's point sets (read_points); mpgui runs MP-GUI's eight tasks through eval.py's --data path.
 Every record is checked before the model loads: a malformed one (a missing field, a bad bbox, split or type) is an
 error naming file, record index and reason (all of them at once: the benchmark itself is broken); a missing or
 unreadable image is a counted skip, named and printed. Each family is asked as its own source asks it (FAMILIES); an
@@ -12,7 +14,9 @@ unparsable answer is a miss (ShowUI's rule; TongUI's vLLM script drops them, rep
 predictions.jsonl, summary.json and results.md are written atomically at the end, then any --visualize pictures.
 """
 import json
+import math
 import os
+import re
 import shutil
 import textwrap
 from types import SimpleNamespace
@@ -74,8 +78,19 @@ PUBLISHED = {"showui": ("ShowUI-2B", (92.3, 75.5, 76.3, 61.1, 81.7, 63.6), 75.1)
 CELLS = [f"{s}/{t}" for s in SPLITS for t in TYPES]
 
 
+# OpenGVLab/Vlaser evaluate_point_{pixmo,paco}.py: PATTERN, any [x, y] of the answer (the gold: scorers._POINT_RE);
+# --max-num 6 tiles; --radius 25, on the 0-1000 grid (the script compares the raw numbers)
+_ANY_POINT, _REF = re.compile(r"\[\s*(\d+\.?\d*)\s*,\s*(\d+\.?\d*)\s*\]"), re.compile(r"<ref>(.*?)</ref>")
+VLASER_TILES, VLASER_RADIUS = 6, 25.0
+# docs/mpgui.md 4.2: MP-GUI's published multi-task row; 4.1: the metric each task reports (scorer kind -> key)
+MPGUI = {"WC": ("CIDEr", 151.0), "S2W": ("CIDEr", 118.4), "RE": ("Acc@IoU0.1", 83.0), "TP": ("F1", 88.2),
+         "WS": ("SQuAD F1", 89.2), "QA": ("ROUGE-L", 88.6), "QAS": ("SQuAD F1", 90.5), "CQA": ("SQuAD F1", 84.3)}
+PAPER_METRIC = {"cider": "cider_d", "box": "acc@0.1", "tap": "f1", "squad": "f1", "rouge": "rouge_l"}
+
+
 def add_args(p):
-    p.add_argument("--bench", choices=["screenspot"], help="benchmark read from --data DIR in its upstream layout")
+    p.add_argument("--bench", choices=["screenspot", "vlaser_points", "mpgui"],
+                   help="benchmark read from --data DIR in its upstream layout (mpgui: or a meta json)")
     p.add_argument("--family", choices=FAMILIES, help="--bench: prompt and parse rules (default: by architecture: "
                    "qwen2_vl showui, qwen2_5_vl tongui, internvl vlaser, mpgui mpgui)")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="--bench: draw the first N samples and a "
@@ -108,24 +123,24 @@ def check_record(r, seeclick):
 
 
 def read_screenspot(folder, limit=0):
-    """ScreenSpot under folder in either layout -> (samples, skipped, layout); samples carry file, record, image,
+    """ScreenSpot under folder in any of its layouts -> (samples, skipped, layout); samples carry file, record, image,
     instruction, split, data_type and the gold box normalised to 0-1 xyxy. Malformed records raise (all listed)."""
     meta = os.path.join(folder, "metadata", "hf_test_full.json")
     if os.path.isfile(meta):
         layout, files, images = "showui", [(meta, None)], os.path.join(folder, "images")
-    else:
-        layout, images = "seeclick", os.path.join(folder, "screenspot_imgs")
-        files = [(p, s) for s in SPLITS if os.path.isfile(p := os.path.join(folder, f"screenspot_{s}.json"))]
+    else:  # v2 where any of its files is there. The names are the HF tree's of OS-Copilot/ScreenSpot-v2 (main
+        # 5efbb1f; screenspotv2_image.zip unzips to screenspotv2_image/); the record fields and text|icon types are
+        # SeeClick's as the OS-Atlas-derived screenspot_test scripts read them (the JSON itself was not opened)
+        v2 = any(os.path.isfile(os.path.join(folder, f"screenspot_{s}_v2.json")) for s in SPLITS)
+        layout, images, tail = ("v2", "screenspotv2_image", "_v2") if v2 else ("seeclick", "screenspot_imgs", "")
+        files = [(p, s) for s in SPLITS if os.path.isfile(p := os.path.join(folder, f"screenspot_{s}{tail}.json"))]
+        images = os.path.join(folder, images)
         if not files:
             raise FileNotFoundError(f"{folder}: neither metadata/hf_test_full.json (ShowUI) nor "
-                                    "screenspot_{mobile,desktop,web}.json (SeeClick)")
+                                    "screenspot_{mobile,desktop,web}[_v2].json (SeeClick, v2)")
     samples, skipped, bad = [], [], []
     for path, split in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                recs = json.load(f)
-        except ValueError as e:  # bad UTF-8 or JSON
-            raise ValueError(f"{path}: not a JSON list of records: {e}") from None
+        recs = formats.read_json(path)  # bad UTF-8 or JSON: a ValueError naming the file
         if not isinstance(recs, list):
             raise ValueError(f"{path}: a {type(recs).__name__}, not a list of records")
         for k, r in enumerate(recs):
@@ -133,14 +148,10 @@ def read_screenspot(folder, limit=0):
                 bad.append(f"{path}: record {k}: {why}")
                 continue
             img = os.path.join(images, r["img_filename"] if split else r["img_url"])
-            try:  # the header only; pixels are decoded batch by batch
-                if not os.path.isfile(img):
-                    raise ValueError(f"missing image {img}")
-                size = formats.header_size(img)
-            except ValueError as e:
-                skipped.append(f"{path}: record {k}: {e}")
+            if why := image_problem(img):
+                skipped.append(f"{path}: record {k}: {why}")
                 continue
-            w, h = size if split else r["img_size"]  # ShowUI normalises by img_size; SeeClick gives no size
+            w, h = formats.header_size(img) if split else r["img_size"]  # ShowUI normalises by img_size
             x, y, bw, bh = r["bbox"]
             samples.append(dict(file=path, record=k, image=img, instruction=r["instruction"] if split else r["task"],
                                 split=split or r["split"], data_type=r["data_type"],
@@ -150,80 +161,198 @@ def read_screenspot(folder, limit=0):
     return samples[:limit or None], skipped, layout
 
 
+def image_problem(img):
+    """None, or why the image cannot be used (its header only: pixels are decoded batch by batch)."""
+    try:
+        formats.header_size(img)
+    except ValueError as e:  # a missing file too
+        return str(e) if os.path.isfile(img) else f"missing image {img}"
+
+
+def point_problem(r):
+    """Why a point record is malformed (InternVL's line checks, formats.parse_line, first), or None."""
+    if (why := formats.parse_line(r))[0] is None:
+        return why[1]
+    seg = r.get("segmentation", [])  # PACO: objects, each a list of flat [x1, y1, x2, y2, ...] polygons, px
+    polygon = lambda p: isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_num, p))
+    if not (isinstance(r.get("image"), str) and all(_num(r.get(k)) and r[k] >= 1 for k in ("width", "height"))):
+        return "not one image, or width / height not >= 1"
+    if not any(t["from"] == "human" and _REF.search(t["value"]) for t in r["conversations"]):
+        return "no human turn with <ref>expression</ref>"
+    if not (isinstance(seg, list) and all(isinstance(o, list) and all(map(polygon, o)) for o in seg)):
+        return "segmentation is not a list of lists of polygons [x1, y1, x2, y2, x3, y3, ...]"
+
+
+# Vlaser's evaluate_point_{pixmo,paco}.py read one --data-path jsonl of InternVL lines {image, width, height,
+# conversations[, segmentation (PACO)]}, a sample per human turn with <ref>expr</ref>, the PixMo gold the [x, y]
+# (0-1000) of the gpt turn with that <ref> (a sample without any is dropped there: a listed skip here); the images
+# sit under a fixed cluster path there, under --data here. Unverified: the eval files themselves are not published,
+# so that their gold [x, y] are on the prompt's 0-1000 grid is assumed (the radius compares them with the answers')
+def read_points(folder, limit=0):
+    """Every folder/*.jsonl, one set each -> (samples with set, size and polygons or gold, skipped, "vlaser")."""
+    samples, skipped, bad = [], [], []
+    for path in [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")]:
+        for k, r, why in formats.read_jsonl(path):
+            if why := why or point_problem(r):
+                bad.append(f"{path}: record {k}: {why}")
+                continue
+            refs = [(t["from"], m.group(1), t["value"]) for t in r["conversations"] if (m := _REF.search(t["value"]))]
+            gold = {e: [tuple(map(int, p)) for p in scorers._POINT_RE.findall(v)] for f, e, v in refs if f == "gpt"}
+            for expr, img in [(e, os.path.join(folder, r["image"])) for f, e, _ in refs if f == "human"]:
+                if why := image_problem(img) or ("segmentation" not in r and not gold.get(expr) and "no gold points"):
+                    skipped.append(f"{path}: record {k}: {expr!r}: {why}")
+                    continue
+                samples.append(dict(file=path, record=k, set=os.path.basename(path)[:-6], image=img, instruction=expr,
+                                    size=(int(r["width"]), int(r["height"])), polygons=r.get("segmentation"),
+                                    gold=gold.get(expr)))
+    if bad:
+        raise ValueError(f"{len(bad)} malformed point record(s):\n" + "\n".join(bad))
+    return samples[:limit or None], skipped, "vlaser"
+
+
+# evaluate_point_paco.py: pixel (int(x / 1000 * W), int(y / 1000 * H)) inside the polygons (its mask, drawn filled);
+# evaluate_point_pixmo.py: within the radius of a gold point; both: an answer without a point counts one miss
+def point_hits(text, s):
+    """Vlaser's count for one answer: each [x, y] in it (0-1000) a prediction, hit or not (PACO mask, PixMo radius)."""
+    pts, (w, h) = [(float(x), float(y)) for x, y in _ANY_POINT.findall(text)], s["size"]
+    if s["polygons"] is None:
+        inside = sum(any(math.dist(p, g) <= VLASER_RADIUS for g in s["gold"]) for p in pts)
+    else:
+        mask, px = Image.new("L", (w, h), 0), [(int(x / 1000 * w), int(y / 1000 * h)) for x, y in pts]
+        for p in (p for o in s["polygons"] for p in o):
+            ImageDraw.Draw(mask).polygon(list(zip(p[::2], p[1::2])), outline=1, fill=1)
+        inside = sum(x < w and y < h and mask.getpixel((x, y)) for x, y in px)
+    return dict(point=pts[0] if pts else None, points=pts, inside=inside, counted=max(len(pts), 1))
+
+
+def point_scores(rows):
+    """Per set and over 'all': precision = answer points inside / points counted (the scripts' acc), the counts, n."""
+    sets = {k: [r for r in rows if k in ("all", r["set"])] for k in sorted({r["set"] for r in rows}) + ["all"]}
+    return {k: dict(precision=sum(r["inside"] for r in v) / max(sum(r["counted"] for r in v), 1), n=len(v),
+                    inside=sum(r["inside"] for r in v), counted=sum(r["counted"] for r in v)) for k, v in sets.items()}
+
+
+# a file of DIR that is not a task's is no silent skip but an error: a misnamed task would vanish from the table
+def mpgui_specs(path):
+    """eval.py's dataset specs of a meta json, or of DIR's {TASK}.jsonl (any case; images under DIR; no other jsonl)."""
+    specs = formats.read_meta(path) if os.path.isfile(path) else [
+        dict(name=f[:-6], root=path, annotation=os.path.join(path, f), max_dynamic_patch=None)
+        for f in sorted(os.listdir(path)) if f.endswith(".jsonl")]
+    names = [s["name"].upper() for s in specs]
+    if not specs or (bad := [n for n in names if n not in MPGUI or names.count(n) > 1]):
+        raise ValueError(f"{path}: {bad if specs else 'no task file'}: MP-GUI's tasks are {', '.join(MPGUI)}, once")
+    return specs
+
+
+# '-': a task not in --data, or one --task scores with a kind the paper does not report
+def mpgui_table(summary, out):
+    """results.md: our row of the eight paper metrics (x100) beside MP-GUI's published row -> {task: ours or None}."""
+    got = {n.upper(): r for n, r in summary["datasets"].items()}
+    row = {t: 100 * got[t]["score"][PAPER_METRIC[got[t]["scorer"]]] if got.get(t, {}).get("scorer") in PAPER_METRIC
+           else None for t in MPGUI}
+    text = markdown("MP-GUI benchmark", ["model"] + [f"{t} {name}" for t, (name, _) in MPGUI.items()],
+                    [["ours"] + ["-" if v is None else f"{v:.1f}" for v in row.values()],
+                     ["MP-GUI (published)"] + [v for _, v in MPGUI.values()]],
+                    ", ".join(f"{t} n={r['n']}" for t, r in got.items()) + ".")
+    checkpoints.write_atomic(os.path.join(out, "results.md"), text)
+    return row
+
+
 def plan(a):
-    """What eval.py checks before the model loads: the benchmark read, the skips printed."""
+    """What eval.py checks before the model loads: the benchmark read, the skips printed (mpgui: its specs)."""
     if not a.data:
         raise ValueError(f"--bench {a.bench}: give --data DIR, the benchmark's folder")
-    samples, skipped, layout = read_screenspot(a.data, a.limit)
+    if a.bench == "mpgui":
+        return mpgui_specs(a.data)
+    samples, skipped, layout = (read_points if a.bench == "vlaser_points" else read_screenspot)(a.data, a.limit)
     for s in skipped:
         print(f"skip {s}")
     if not samples:
-        raise ValueError(f"{a.data}: no usable ScreenSpot sample ({len(skipped)} skipped)")
+        raise ValueError(f"{a.data}: no usable {a.bench} sample ({len(skipped)} skipped)")
     return samples, skipped, layout
 
 
-def family(a, cfg):
-    name = a.family or {"qwen2_vl": "showui", "qwen2_5_vl": "tongui", "mpgui": "mpgui"}.get(cfg.arch, "vlaser")
+def family(a, cfg, name=None):
+    name = name or a.family or {"qwen2_vl": "showui", "qwen2_5_vl": "tongui", "mpgui": "mpgui"}.get(cfg.arch, "vlaser")
     if FAMILIES[name][3] != cfg.is_internvl:  # a Qwen prompt for an InternVL model, or the other way round
         raise ValueError(f"--family {name}: its prompt does not fit a {cfg.arch} model")
     return name
 
 
+def markdown(title, head, rows, note):
+    return (f"# {title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+            + "".join("| " + " | ".join(map(str, r)) + " |\n" for r in rows) + f"\n{note}\n")
+
+
 def table(scores, fam):
     """results.md: the papers' layout, one row of split x type cells, the macro Avg and the micro average."""
-    head = "| model | " + " | ".join(c.replace("/", " ") for c in CELLS) + " | Avg (macro) | micro |"
-    rows = [head, "|" + "---|" * (len(CELLS) + 3),
-            "| ours | " + " | ".join(f"{100 * scores[c]:.1f}" if c in scores else "-" for c in CELLS)
-            + f" | {100 * scores['avg']:.1f} | {100 * scores['micro']:.1f} |"]
+    rows = [["ours"] + [f"{100 * scores[c]:.1f}" if c in scores else "-" for c in CELLS]
+            + [f"{100 * scores['avg']:.1f}", f"{100 * scores['micro']:.1f}"]]
     if fam in PUBLISHED:
-        rows.append(f"| {PUBLISHED[fam][0]} (published) | " + " | ".join(map(str, PUBLISHED[fam][1]))
-                    + f" | {PUBLISHED[fam][2]} | - |")
-    return ("# ScreenSpot\n\n" + "\n".join(rows) + f"\n\n{scores['n']} samples. Avg is the papers' figure: the mean "
-            "of the split x type success rates (macro); micro is all hits over all samples. An unparsable answer "
-            "is a miss.\n")
+        rows.append([f"{PUBLISHED[fam][0]} (published)", *PUBLISHED[fam][1], PUBLISHED[fam][2], "-"])
+    return markdown("ScreenSpot", ["model"] + [c.replace("/", " ") for c in CELLS] + ["Avg (macro)", "micro"], rows,
+                    f"{scores['n']} samples. Avg is the papers' figure: the mean of the split x type success rates "
+                    "(macro); micro is all hits over all samples. An unparsable answer is a miss.")
+
+
+def point_table(scores):
+    return markdown("Vlaser point sets", ["set", "n", "points inside / counted", "precision"],
+                    [[k, v["n"], f"{v['inside']} / {v['counted']}", f"{100 * v['precision']:.1f}"]
+                     for k, v in scores.items()],
+                    "Precision as Vlaser's scripts print it: answer points inside the gold region (PACO mask, PixMo "
+                    "radius) over all answer points, an answer without one counting one miss.")
 
 
 def run(m, tok, a, bench, answer_batch, length_batches):
-    """Every sample through answer_batch, longest first (length_batches), scored in file order; three files."""
+    """Every sample through answer_batch, longest first (length_batches), scored in file order with
+    scorers.screenspot_scores (vlaser_points: point_hits, Vlaser's prompt with the scripts' leading space and
+    tiles); the three files written at the end, then any pictures."""
     samples, skipped, layout = bench
-    fam = family(a, m.cfg)
+    points = a.bench == "vlaser_points"
+    fam = family(a, m.cfg, "vlaser" if points else None)
     prompt, system, parse, _ = FAMILIES[fam]
+    # Vlaser's question is ' You are InternVL...' and model.chat puts '<image>\n' before it; its scripts decode up to
+    # 100 new tokens (pass --max-new-tokens 100 for long point lists)
+    prompt, tiles = (" " + prompt, VLASER_TILES) if points else (prompt, None)
+    score = point_scores if points else scorers.screenspot_scores
+    hits = point_hits if points else lambda t, s: dict(point=parse(t), hit=scorers.point_in_box(parse(t), s["box"]))
     a = SimpleNamespace(**{**vars(a), "system": system if a.system is None else a.system})  # --system wins
     rows, failed = {}, {}
-    asks = [(prompt.format(s["instruction"]), [s["image"]], None) for s in samples]  # image paths: no pixels yet
-    for batch in tqdm(length_batches(m, tok, a, asks), desc="screenspot"):
+    asks = [(prompt.format(s["instruction"]), [s["image"]], tiles) for s in samples]  # image paths: no pixels yet
+    for batch in tqdm(length_batches(m, tok, a, asks), desc=a.bench):
         idx, prompts = [], []
         for i in batch:
             try:
-                prompts.append((asks[i][0], [formats.load_rgb(samples[i]["image"])], None))
+                prompts.append((asks[i][0], [formats.load_rgb(samples[i]["image"])], tiles))
                 idx.append(i)
             except ValueError as e:  # the header read but the pixels do not decode
                 failed[i] = f"{samples[i]['file']}: record {samples[i]['record']}: {e}"
                 print(f"skip {failed[i]}")
         for i, text in zip(idx, answer_batch(m, tok, prompts, a)[0] if prompts else []):
-            p = parse(text)
-            rows[i] = dict(samples[i], answer=text, point=p, hit=scorers.point_in_box(p, samples[i]["box"]))
+            rows[i] = dict(samples[i], answer=text, **hits(text, samples[i]))
             if fam == "mpgui":  # the box it answered, for the pictures
                 rows[i]["pred_box"] = scorers.parse_box(text)
     rows, skipped = [rows[i] for i in sorted(rows)], list(skipped) + [failed[i] for i in sorted(failed)]
     if not rows:
-        raise ValueError(f"{a.data}: every ScreenSpot sample was skipped")
-    scores = scorers.screenspot_scores(rows)
-    summary = dict(bench="screenspot", layout=layout, data=a.data, model=m.folder, arch=m.cfg.arch, family=fam,
-                   prompt=prompt.replace("<image>", "<image: the screenshot>"), parse=parse.__doc__,
+        raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
+    scores = score(rows)
+    summary = dict(bench=a.bench, layout=layout, data=a.data, model=m.folder, arch=m.cfg.arch, family=fam,
+                   prompt=prompt.replace("<image>", "<image: the screenshot>"),
+                   parse=(point_hits if points else parse).__doc__,
                    system="the template's default" if a.system is None else a.system,
-                   images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.is_internvl
+                   images=f"max {tiles or a.max_tiles} tiles + thumbnail" if m.cfg.is_internvl
                    else f"{a.min_pixels}..{a.max_pixels} pixels", padding="left",
                    decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>", n=len(rows),
                    unparsable=sum(r["point"] is None for r in rows), scores=scores,
-                   skip_unparsable=scorers.screenspot_scores([r for r in rows if r["point"] is not None]),
+                   skip_unparsable=score([r for r in rows if r["point"] is not None]),
                    skipped=len(skipped), skipped_samples=skipped)
+    md = point_table(scores) if points else table(scores, fam)
     os.makedirs(a.out, exist_ok=True)
     checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
-    checkpoints.write_atomic(os.path.join(a.out, "results.md"), table(scores, fam))
-    print(table(scores, fam))
-    if a.visualize:  # after the scores and their files: a picture that fails to draw costs no result
+    checkpoints.write_atomic(os.path.join(a.out, "results.md"), md)
+    print(md)
+    if a.visualize and not points:  # after the scores and their files: a picture that fails to draw costs no result
         visualize(rows, os.path.join(a.out, "pictures"), a.visualize)
     return summary
 

@@ -6,6 +6,7 @@ or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summar
     python eval.py --model tests/fixtures/qwen2_vl_tiny --image examples/screen.png --prompt "Where is Save?"
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
     python eval.py --model showlab/ShowUI-2B --bench screenspot --data ScreenSpot --out eval/screenspot --visualize 20
+    python eval.py --model merged/benchmark --bench mpgui --data mpgui_benchmark --out eval/mpgui
 """
 import argparse
 import json
@@ -103,7 +104,7 @@ def read_dataset(spec, limit):
         if item is None or item["conversations"][0]["from"] != "human":
             raise ValueError(f"{path}:{k}: {images if item is None else 'a system turn (eval.py takes --system)'}")
         paths = [os.path.join(spec["root"], p) for p in images]
-        why = next(filter(None, map(image_problem, paths)), None)
+        why = next(filter(None, map(benchmarks.image_problem, paths)), None)
         if why:
             skipped.append(f"{path}:{k}: {why}")
         else:
@@ -112,26 +113,16 @@ def read_dataset(spec, limit):
     return rows, skipped
 
 
-def image_problem(path):
-    """None, or why the image cannot be used; the header only (cheap): pixels are decoded batch by batch."""
-    if not os.path.isfile(path):
-        return f"missing image {path}"
-    try:
-        formats.header_size(path)
-    except ValueError as e:  # what PIL raises on a broken header, as the training readers catch it
-        return str(e)
-
-
 def majority(kind, golds):
     """The score of always giving the most common gold answer: what a model that ignores the question gets."""
     return scorers.score(kind, [Counter(golds).most_common(1)[0][0]] * len(golds), golds)
 
 
-def plan(a):
-    """Every dataset of --data read and checked, before the model loads: [(spec, scorer kind, rows, runs, skipped)]
-    with runs {prediction: image paths per row[, prediction_shuffled_images: ...]}; the skipped lines are printed."""
+def plan(a, specs=None):
+    """Every dataset of --data (or specs) read and checked, before the model loads: [(spec, scorer kind, rows, runs,
+    skipped)] with runs {prediction: image paths per row[, prediction_shuffled_images: ...]}; skipped lines printed."""
     tasks, plans = task_table(a.task), []
-    for spec in formats.read_meta(a.data):
+    for spec in specs or formats.read_meta(a.data):
         kind = tasks.get(spec["name"].lower())
         if kind is None:
             raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
@@ -238,11 +229,11 @@ def main(argv=None):
         task_table(a.task)
         if a.visualize < 0 or a.visualize and not a.bench:  # pictures are drawn of a benchmark's rows
             raise ValueError(f"--visualize {a.visualize}: give N >= 0, with --bench NAME")
-        plans = plan(a) if a.data and not a.bench else None
         bench = benchmarks.plan(a) if a.bench else None  # --bench NAME --data DIR: read in the upstream layout
+        plans = plan(a, bench) if a.bench == "mpgui" else plan(a) if a.data and not a.bench else None
     except (ValueError, OSError) as e:
         p.error(str(e))
-    for why in filter(None, map(image_problem, a.image)):
+    for why in filter(None, map(benchmarks.image_problem, a.image)):
         p.error(f"--image: {why}")
     t0 = time.time()
     try:
@@ -256,7 +247,7 @@ def main(argv=None):
     tok = load.load_tokenizer(m.folder)
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
-    if a.bench:
+    if a.bench and a.bench != "mpgui":  # mpgui: MP-GUI's eight tasks are --data datasets, by name
         return benchmarks.run(m, tok, a, bench, answer_batch, length_batches)
     if a.data:
         summary = evaluate(m, tok, a, plans)
@@ -265,6 +256,8 @@ def main(argv=None):
             shuffled = f"shuffled images: {fmt(r['shuffled_images'])}; " if "shuffled_images" in r else ""
             print(f"{name:<16} n={r['n']:<5} {fmt(r['score'])}   ({shuffled}majority answer: "
                   f"{fmt(r['majority_baseline'])}; {r['skipped']} skipped)")
+        if a.bench:  # results.md: the paper's eight metrics beside MP-GUI's published row
+            summary["paper_metrics"] = benchmarks.mpgui_table(summary, a.out)
         return summary
     if not a.prompt:
         p.error("give --prompt (with --image) or --data")

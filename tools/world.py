@@ -1,7 +1,7 @@
 """A synthetic GUI world: deterministic screens drawn with PIL from a seed, every element's box, type, text and
 parent recorded, and the MP-GUI stage datasets (InternVL meta json + jsonl) and ShowUI grounding metadata made from
-them, with a held-out evaluation split. Boxes are 0-1000 integers (xyxy, normalised by width and height), as in the
-official data.
+them, with a held-out evaluation split (also written as a ScreenSpot set: screenspot, --screenspot DIR). Boxes are
+0-1000 integers (xyxy, normalised by width and height), as in the official data.
 
 The world is small on purpose (a 4 x 4 layout grid, six colours, four glyphs, eight words) so that a model of a few
 million parameters can learn parts of it on a CPU in minutes: `bash demo.sh` trains the five MP-GUI stages on it.
@@ -242,6 +242,32 @@ def build(out, n_train=600, n_eval=100, seed=0):
     return metas
 
 
+def screenspot(out, n_eval=100, seed=0):
+    """A ScreenSpot set in ShowUI's layout (out/metadata/hf_test_full.json + out/images/) from build's held-out screens
+    (the same seeds): one record per button, icon and text whose name is unique on its screen (so the instruction
+    names one element), bbox [x, y, w, h] px from the 0-1000 box, data_type text for an element with text (buttons,
+    texts) and icon for icons, split mobile for phone screens and desktop for desktop ones (the world draws no web
+    pages, so the web cells stay empty). Returns the records."""
+    os.makedirs(os.path.join(out, "metadata"), exist_ok=True)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    records, base = [], first_seed("eval", seed)
+    for i in range(n_eval):
+        img, els = make_screen(base + i)
+        (w, h), rel = img.size, f"eval_{i}.png"
+        img.save(os.path.join(out, "images", rel))
+        leaves = [e for e in els if e["type"] in ("button", "icon", "text")]
+        for e in leaves:
+            if sum(name(x) == name(e) for x in leaves) > 1:
+                continue
+            x1, y1, x2, y2 = e["box"]
+            records.append(dict(img_url=rel, task=name(e), img_size=[w, h], id=f"eval_{i}_{e['id']}",
+                                bbox=[x1 * w / 1000, y1 * h / 1000, (x2 - x1) * w / 1000, (y2 - y1) * h / 1000],
+                                split="mobile" if h > w else "desktop", data_type="text" if e["text"] else "icon"))
+    with open(os.path.join(out, "metadata", "hf_test_full.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    return records
+
+
 # InternVL2's tokens (no <EXTRA_IMG_CONTEXT>: stage 1 adds it)
 SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>",
            "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
@@ -314,8 +340,13 @@ if __name__ == "__main__":
     p.add_argument("out", nargs="?", default="demo")
     p.add_argument("n_train", nargs="?", type=int, default=600, help="training screens")
     p.add_argument("n_eval", nargs="?", type=int, default=100, help="held-out screens")
+    p.add_argument("--screenspot", metavar="DIR", help="only write a ScreenSpot set of the held-out screens to DIR, "
+                   "in ShowUI's layout (eval.py --bench screenspot --data DIR)")
     a = p.parse_args()
     out, n_train, n_eval = a.out, a.n_train, a.n_eval
+    if a.screenspot:
+        n = len(screenspot(a.screenspot, n_eval))
+        raise SystemExit(print(f"wrote {a.screenspot}: ScreenSpot layout, {n} records on {n_eval} held-out screens"))
     build(os.path.join(out, "data"), n_train, n_eval)
     write_tiny_model(os.path.join(out, "base"), corpus(os.path.join(out, "data")), vit=(96, 2, 3, 192),
                      llm=(192, 4, 4, 2, 512))
