@@ -34,6 +34,7 @@ def inject(monkeypatch, m, answer):
     monkeypatch.setattr(E, "answer_batch", answer_batch)
     monkeypatch.setattr(E.load, "load_model", lambda *args, **kw: m)
     monkeypatch.setattr(E.load, "load_tokenizer", lambda folder: None)
+    monkeypatch.setattr(E, "prompt_length", lambda *args: 0)  # no tokenizer: one length, file order
     return asked, args, answer_batch
 
 
@@ -91,7 +92,7 @@ def test_screenspot_v2_layout(tmp_path, monkeypatch, capsys):
     assert (s["scores"]["mobile/text"], s["scores"]["mobile/icon"], s["scores"]["web/text"]) == (1.0, 0.0, 1.0)
     assert s["scores"]["avg"] == pytest.approx(2 / 3) and s["scores"]["micro"] == pytest.approx(2 / 3)
     a = elsewhere(args, tmp_path / "fn")
-    assert B.run(m, None, a, B.plan(a), fake)["scores"] == s["scores"]  # the function path: the same numbers
+    assert B.run(m, None, a, B.plan(a), fake, E.length_batches)["scores"] == s["scores"]  # the function path: the same numbers
 
 
 # ------------------------------------------------------------------------------------------------ vlaser_points
@@ -149,10 +150,10 @@ def test_vlaser_points_end_to_end(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| pixmo | 2 | 2 / 3 | 66.7 |" in md and "| paco | 2 | 1 / 5 | 20.0 |" in md and "| all | 4 | 3 / 8 | 37.5 |" in md
     a = elsewhere(args, tmp_path / "fn")
-    assert B.run(internvl(), None, a, B.plan(a), fake)["scores"] == sc  # the function path
+    assert B.run(internvl(), None, a, B.plan(a), fake, E.length_batches)["scores"] == sc  # the function path
     with pytest.raises(ValueError, match="--family vlaser: its prompt does not fit a qwen2_vl model"):
         B.run(SimpleNamespace(folder="q", cfg=SimpleNamespace(arch="qwen2_vl", is_internvl=False)), None, a,
-              B.plan(a), fake)
+              B.plan(a), fake, E.length_batches)
 
 
 def test_malformed_point_records_fail_before_the_model_loads(tmp_path, monkeypatch, capsys):
