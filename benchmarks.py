@@ -72,7 +72,8 @@ CELLS = [f"{s}/{t}" for s in SPLITS for t in TYPES]
 
 
 def add_args(p):
-    p.add_argument("--bench", choices=["screenspot"], help="benchmark read from --data DIR in its upstream layout")
+    p.add_argument("--bench", choices=["screenspot", "aitw", "mind2web", "guiact"],
+                   help="benchmark read from --data DIR in its upstream layout (navigation ones: navigation.py)")
     p.add_argument("--family", choices=FAMILIES, help="--bench: prompt and parse rules (default: by architecture: "
                    "qwen2_vl showui, qwen2_5_vl tongui, internvl vlaser, mpgui mpgui)")
 

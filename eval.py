@@ -22,6 +22,7 @@ import checkpoints
 import data
 import formats
 import load
+import navigation
 import scorers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -210,11 +211,13 @@ def main(argv=None):
                    help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
                         "scores a model after its own stage (1-3), before the fusion gate is trained")
     benchmarks.add_args(p)
+    navigation.add_args(p)
     a = p.parse_args(argv)
+    bench_module = navigation if a.bench in navigation.BENCHES else benchmarks
     try:  # a wrong --task, a broken dataset or image fail here, not after the model is loaded and a dataset decoded
         task_table(a.task)
         plans = plan(a) if a.data and not a.bench else None
-        bench = benchmarks.plan(a) if a.bench else None  # --bench NAME --data DIR: read in the upstream layout
+        bench = bench_module.plan(a) if a.bench else None  # --bench NAME --data DIR: read in the upstream layout
     except (ValueError, OSError) as e:
         p.error(str(e))
     for why in filter(None, map(image_problem, a.image)):
@@ -230,7 +233,7 @@ def main(argv=None):
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
     if a.bench:
-        return benchmarks.run(m, tok, a, bench, answer_batch)
+        return bench_module.run(m, tok, a, bench, answer_batch)
     if a.data:
         summary = evaluate(m, tok, a, plans)
         for name, r in summary["datasets"].items():
