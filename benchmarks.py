@@ -179,6 +179,24 @@ def table(scores, fam):
             "is a miss.\n")
 
 
+def answer_all(m, tok, a, samples, skipped, answer_batch, ask):
+    """[(sample, answer)] for every sample, batched; ask(sample) -> (question, image paths). A sample whose pixels do
+    not decode (its header read) is a skip, appended to skipped and printed (navigation.py asks through it too)."""
+    out = []
+    for i in tqdm(range(0, len(samples), a.batch_size), desc=a.bench):
+        batch, prompts = [], []
+        for s in samples[i:i + a.batch_size]:
+            try:
+                question, paths = ask(s)
+                prompts.append((question, [formats.load_rgb(p) for p in paths], None))
+                batch.append(s)
+            except ValueError as e:  # the header read but the pixels do not decode
+                skipped.append(f"{s['file']}: record {s['record']}: {e}")
+                print(f"skip {skipped[-1]}")
+        out += zip(batch, answer_batch(m, tok, prompts, a)[0] if prompts else [])
+    return out
+
+
 def run(m, tok, a, bench, answer_batch):
     """Every sample through answer_batch, scored with scorers.screenspot_scores; the three files written at the end."""
     samples, skipped, layout = bench
@@ -186,18 +204,10 @@ def run(m, tok, a, bench, answer_batch):
     prompt, system, parse, _ = FAMILIES[fam]
     a = SimpleNamespace(**{**vars(a), "system": system if a.system is None else a.system})  # --system wins
     skipped, rows = list(skipped), []
-    for i in tqdm(range(0, len(samples), a.batch_size), desc="screenspot"):
-        batch, prompts = [], []
-        for s in samples[i:i + a.batch_size]:
-            try:
-                prompts.append((prompt.format(s["instruction"]), [formats.load_rgb(s["image"])], None))
-                batch.append(s)
-            except ValueError as e:  # the header read but the pixels do not decode
-                skipped.append(f"{s['file']}: record {s['record']}: {e}")
-                print(f"skip {skipped[-1]}")
-        for s, text in zip(batch, answer_batch(m, tok, prompts, a)[0] if prompts else []):
-            p = parse(text)
-            rows.append(dict(s, answer=text, point=p, hit=scorers.point_in_box(p, s["box"])))
+    for s, text in answer_all(m, tok, a, samples, skipped, answer_batch,
+                              lambda s: (prompt.format(s["instruction"]), [s["image"]])):
+        p = parse(text)
+        rows.append(dict(s, answer=text, point=p, hit=scorers.point_in_box(p, s["box"])))
     if not rows:
         raise ValueError(f"{a.data}: every ScreenSpot sample was skipped")
     scores = scorers.screenspot_scores(rows)

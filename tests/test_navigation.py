@@ -118,7 +118,7 @@ def test_aitw_reader_names_malformed_records_and_skips_missing_images(tmp_path):
     msg = str(e.value)
     assert msg.startswith("3 malformed aitw record(s)")
     assert "hf_test.json: record 7: domain 'nowhere' not one of" in msg
-    assert "hf_test.json: record 8: action_type_id 3 / text 'click': no AITW action" in msg
+    assert "hf_test.json: record 8: action_type_id 3 / text 'click' / touch [0.5, 0.5] / lift [0.5, 0.5]: no AITW action" in msg
     assert "hf_test.json: record 9: KeyError: 'task'" in msg
 
 
