@@ -6,6 +6,7 @@ or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summar
     python eval.py --model tests/fixtures/qwen2_vl_tiny --image examples/screen.png --prompt "Where is Save?"
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
     python eval.py --model showlab/ShowUI-2B --bench screenspot --data ScreenSpot --out eval/screenspot
+    python eval.py --model showlab/ShowUI-2B --bench aitw --data AITW --out eval/aitw --max-new-tokens 128
 """
 import argparse
 import json

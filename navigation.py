@@ -145,7 +145,8 @@ def m2w_answer(step, rep, size):
 
 
 def _mind2web(rec, hist, split, o):
-    (gold, box), reprs = m2w_answer(rec["step"], rec["step_repr"], rec["img_size"]), rec["repr_history"][-len(hist):]
+    (gold, box), reprs = m2w_answer(rec["step"], rec["step_repr"], rec["img_size"]), rec.get("repr_history", [])
+    reprs = reprs[len(reprs) - len(hist):]  # a raw history step's step_repr
     acts = [str((m2w_answer(h["step"], h["step_repr"], h["img_size"]) if "step" in h else
                  m2w_answer(h, reprs[k], rec["img_size"]))[0]) for k, h in enumerate(hist)]
     return dict(split=split, head=MIND2WEB_SYSTEM + f"Task: {rec['task']}", acts=acts, gold=str(gold), box=box,
@@ -199,13 +200,15 @@ def read(bench, folder, num_history=4, history="tttt", limit=0):
 def score(bench, s, text):
     """One answer -> its predictions row: answer, parsed ([dict] or None: scorers.parse_action, or several dicts
     joined by ','), point, hit and scored (what aggregate reads)."""
-    acts = [scorers.parse_action(text)] if scorers.parse_action(text) else scorers._literal(text)
+    acts = scorers.parse_action(text)
+    acts = [acts] if acts else scorers._literal(text)
     acts = list(acts) if isinstance(acts, (list, tuple)) and acts and all(isinstance(d, dict) and "action" in d
                                                                           for d in acts) else None
     one, point = acts[0] if acts and len(acts) == 1 else None, _xy(acts[0].get("position")) if acts else None
     if bench == "aitw":  # main/eval_aitw.py validate_aitw
         (g, annot), name = s["target"], str(one and one["action"]).upper()
-        p = aitw_action(name, point, point, one["value"]) if name in AITW_IDS and (point or name != "CLICK") else None
+        ok = name in AITW_IDS and (point or name != "CLICK")  # else upstream's parse fails: a wrong format
+        p = aitw_action(name, point, point, one.get("value")) if ok else None
         hit, tap = p is not None and aitw_match(p, g, annot), g[0] == 4 and math.dist(g[1], g[2]) <= 0.04
         # the text rule: equal or either inside the other; a non-TYPE prediction types '', inside every text
         text_ok = p is not None and p[3] is not None and (p[3] in g[3] or g[3] in p[3])
@@ -279,7 +282,7 @@ def run(m, tok, a, bench, answer_batch):
         raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     sc = scores(a.bench, rows)
     summary = dict(bench=a.bench, data=a.data, model=m.folder, arch=m.cfg.arch, history=a.history,
-                   num_history=a.num_history, prompt=samples[0]["question"].replace("<image>", "<image: a screenshot>"),
+                   num_history=a.num_history, first_prompt=samples[0]["question"].replace("<image>", "<image: screen>"),
                    template="chatml, " + ("no system turn" if a.system == "none" else f"system {a.system!r}"),
                    images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.is_internvl
                    else f"{a.min_pixels}..{a.max_pixels} pixels", padding="left", parse=score.__doc__,

@@ -220,3 +220,27 @@ def test_guiact_asks_as_training_builds_and_scores(tmp_path, monkeypatch, capsys
         cli("guiact", folder, tmp_path / "out")
     assert "hf_test_smartphone.json: record 2: step: action_type 'fly' is not in the smartphone action space" in \
         capsys.readouterr().err
+
+
+def test_unusual_answers_are_misses_not_crashes():
+    # the row builder on a hand-made sample: a dict without 'value', a click without a point, a list
+    g = N.aitw_action("TYPE", text="hi")
+    sample = dict(split="general", target=[g, []], question="q")
+    assert N.score("aitw", sample, "{'action': 'TYPE'}")["scored"]["type_acc"] is True
+    assert N.score("aitw", sample, "{'action': 'TYPE'}")["scored"]["text_acc"] is False  # no typed text
+    assert N.score("aitw", sample, "{'action': 'CLICK'}")["hit"] is False  # a click without a point: no action
+    assert N.score("aitw", sample, "[1, 2]")["parsed"] is None
+
+
+def test_real_model_path_on_the_tiny_qwen2_vl(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recs = [AITW["far"][0], AITW["type"][0]]
+    folder = write(tmp_path / "aitw", {"hf_test": recs}, ["s0.png", "h0.png"])
+    out = tmp_path / "out"
+    s = E.main(["--model", os.path.join(root, "tests", "fixtures", "qwen2_vl_tiny"), "--bench", "aitw",
+                "--data", str(folder), "--out", str(out), "--max-new-tokens", "6", "--min-pixels", str(56 * 56),
+                "--max-pixels", str(112 * 112), "--device", "cpu", "--history", "vtvt"])
+    rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert s["n"] == 2 and s["template"] == "chatml, no system turn" and len(rows[0]["images"]) == 2
+    for r, rec in zip(rows, N.read("aitw", str(folder), history="vtvt")[0]):  # each hit is the rule on the raw answer
+        assert r["hit"] == N.score("aitw", rec, r["answer"])["hit"]
