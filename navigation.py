@@ -1,13 +1,7 @@
-"""Navigation benchmarks for eval.py --bench aitw|mind2web|guiact --data DIR, in ShowUI's metadata layout.
-
-    aitw      DIR/metadata/hf_test.json (showlab/ShowUI prepare/hf_aitw.py): steps with domain (the AITW category:
-              general|install|googleapps|single|webshopping), task, img_url, action_type_id/_text, touch, lift ([x, y]),
-              type_text, annot_position ([y, x, h, w] * n), step_history (SeeClick steps; img_filename for vtvt)
-    mind2web  DIR/metadata/hf_test_{task,website,domain}.json (prepare/hf_mind2web.py): task, img_url, img_size,
-              step {operation, bbox px}, step_repr, step_history (samples as dset_mind2web.py reads them, or raw
-              steps as prepare writes them, with repr_history), images DIR/images/{img_url}
-    guiact    DIR/metadata/hf_test_{web-single,web-multi,smartphone}.json, checked as formats.ShowUINavigation checks
-              training records; AITW and GUIAct images are DIR/images/{name}.png
+"""Navigation benchmarks for eval.py --bench aitw|mind2web|guiact --data DIR, in ShowUI's metadata layout (fields as
+showlab/ShowUI prepare/hf_aitw.py, hf_mind2web.py, hf_guiact.ipynb write them; each reader names what it reads):
+AITW DIR/metadata/hf_test.json (split: the domain field), Mind2Web hf_test_{task,website,domain}.json, GUIAct
+hf_test_{web-single,web-multi,smartphone}.json (checked as formats.ShowUINavigation checks training), DIR/images/.
 Each step is asked as ShowUI trains on it (formats.nav_turn; no system turn on Qwen). Scoring: AITW as main/eval_aitw.py
 (Google's action matching; step SR per category, Overall their mean); Mind2Web as main/eval_mind2web.py through
 scorers.mind2web_scores; GUIAct (no upstream scorer) through scorers.action_scores, element box if given, else
@@ -122,6 +116,8 @@ def aitw_answer(s):
 
 
 def _aitw(rec, hist, split, o):
+    """A step of hf_test.json: domain, task, img_url, action_type_id/_text, touch, lift ([x, y]), type_text,
+    annot_position ([y, x, h, w] * n), step_history (SeeClick steps: img_filename for vtvt)."""
     annot = rec["annot_position"]
     if rec["domain"] not in DOMAINS or len(annot) % 4 or not all(map(benchmarks._num, annot)):
         raise ValueError(f"domain {rec['domain']!r} not one of {', '.join(DOMAINS)}, or annot_position not 4n numbers")
@@ -145,6 +141,8 @@ def m2w_answer(step, rep, size):
 
 
 def _mind2web(rec, hist, split, o):
+    """task, img_url, img_size, step {operation, bbox px}, step_repr, step_history: samples as dset_mind2web.py reads
+    them, or raw steps as prepare/hf_mind2web.py writes them (then repr_history and the record's img_size)."""
     (gold, box), reprs = m2w_answer(rec["step"], rec["step_repr"], rec["img_size"]), rec.get("repr_history", [])
     reprs = reprs[len(reprs) - len(hist):]  # a raw history step's step_repr
     acts = [str((m2w_answer(h["step"], h["step_repr"], h["img_size"]) if "step" in h else
