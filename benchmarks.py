@@ -89,8 +89,9 @@ PAPER_METRIC = {"cider": "cider_d", "box": "acc@0.1", "tap": "f1", "squad": "f1"
 
 
 def add_args(p):
-    p.add_argument("--bench", choices=["screenspot", "vlaser_points", "mpgui"],
-                   help="benchmark read from --data DIR in its upstream layout (mpgui: or a meta json)")
+    p.add_argument("--bench", choices=["screenspot", "vlaser_points", "mpgui", "aitw", "mind2web", "guiact"],
+                   help="benchmark read from --data DIR in its upstream layout (mpgui: or a meta json; navigation "
+                   "ones: navigation.py)")
     p.add_argument("--family", choices=FAMILIES, help="--bench: prompt and parse rules (default: by architecture: "
                    "qwen2_vl showui, qwen2_5_vl tongui, internvl vlaser, mpgui mpgui)")
     p.add_argument("--visualize", type=int, default=0, metavar="N", help="--bench: draw the first N samples and a "
@@ -303,10 +304,28 @@ def point_table(scores):
                     "radius) over all answer points, an answer without one counting one miss.")
 
 
+def answer_all(m, tok, a, samples, skipped, answer_batch, length_batches, ask):
+    """[(sample, answer)] in file order for every sample, asked longest first (length_batches); ask(sample) ->
+    (question, image paths, max tiles). A sample whose pixels do not decode (its header read) is a skip, printed and
+    appended to skipped in file order (navigation.py asks through it too)."""
+    asks, answers, failed = [ask(s) for s in samples], {}, {}
+    for batch in tqdm(length_batches(m, tok, a, asks), desc=a.bench):
+        idx, prompts = [], []
+        for i in batch:
+            try:
+                prompts.append((asks[i][0], [formats.load_rgb(p) for p in asks[i][1]], asks[i][2]))
+                idx.append(i)
+            except ValueError as e:  # the header read but the pixels do not decode
+                failed[i] = f"{samples[i]['file']}: record {samples[i]['record']}: {e}"
+                print(f"skip {failed[i]}")
+        answers.update(zip(idx, answer_batch(m, tok, prompts, a)[0] if prompts else []))
+    skipped += [failed[i] for i in sorted(failed)]
+    return [(samples[i], answers[i]) for i in sorted(answers)]
+
+
 def run(m, tok, a, bench, answer_batch, length_batches):
-    """Every sample through answer_batch, longest first (length_batches), scored in file order with
-    scorers.screenspot_scores (vlaser_points: point_hits, Vlaser's prompt with the scripts' leading space and
-    tiles); the three files written at the end, then any pictures."""
+    """Every sample through answer_all, scored with scorers.screenspot_scores (vlaser_points: point_hits, Vlaser's
+    prompt with the scripts' leading space and tiles); the three files written at the end, then any pictures."""
     samples, skipped, layout = bench
     points = a.bench == "vlaser_points"
     fam = family(a, m.cfg, "vlaser" if points else None)
@@ -317,22 +336,12 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     score = point_scores if points else scorers.screenspot_scores
     hits = point_hits if points else lambda t, s: dict(point=parse(t), hit=scorers.point_in_box(parse(t), s["box"]))
     a = SimpleNamespace(**{**vars(a), "system": system if a.system is None else a.system})  # --system wins
-    rows, failed = {}, {}
-    asks = [(prompt.format(s["instruction"]), [s["image"]], tiles) for s in samples]  # image paths: no pixels yet
-    for batch in tqdm(length_batches(m, tok, a, asks), desc=a.bench):
-        idx, prompts = [], []
-        for i in batch:
-            try:
-                prompts.append((asks[i][0], [formats.load_rgb(samples[i]["image"])], tiles))
-                idx.append(i)
-            except ValueError as e:  # the header read but the pixels do not decode
-                failed[i] = f"{samples[i]['file']}: record {samples[i]['record']}: {e}"
-                print(f"skip {failed[i]}")
-        for i, text in zip(idx, answer_batch(m, tok, prompts, a)[0] if prompts else []):
-            rows[i] = dict(samples[i], answer=text, **hits(text, samples[i]))
-            if fam == "mpgui":  # the box it answered, for the pictures
-                rows[i]["pred_box"] = scorers.parse_box(text)
-    rows, skipped = [rows[i] for i in sorted(rows)], list(skipped) + [failed[i] for i in sorted(failed)]
+    skipped, rows = list(skipped), []
+    for s, text in answer_all(m, tok, a, samples, skipped, answer_batch, length_batches,
+                              lambda s: (prompt.format(s["instruction"]), [s["image"]], tiles)):
+        rows.append(dict(s, answer=text, **hits(text, s)))
+        if fam == "mpgui":  # the box it answered, for the pictures
+            rows[-1]["pred_box"] = scorers.parse_box(text)
     if not rows:
         raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     scores = score(rows)

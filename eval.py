@@ -7,6 +7,7 @@ or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summar
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
     python eval.py --model showlab/ShowUI-2B --bench screenspot --data ScreenSpot --out eval/screenspot --visualize 20
     python eval.py --model merged/benchmark --bench mpgui --data mpgui_benchmark --out eval/mpgui
+    python eval.py --model showlab/ShowUI-2B --bench aitw --data AITW --out eval/aitw --max-new-tokens 128
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ import checkpoints
 import data
 import formats
 import load
+import navigation
 import scorers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -224,12 +226,14 @@ def main(argv=None):
                    help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
                         "scores a model after its own stage (1-3), before the fusion gate is trained")
     benchmarks.add_args(p)
+    navigation.add_args(p)
     a = p.parse_args(argv)
+    bench_module = navigation if a.bench in navigation.BENCHES else benchmarks
     try:  # a wrong --task, a broken dataset or image fail here, not after the model is loaded and a dataset decoded
         task_table(a.task)
         if a.visualize < 0 or a.visualize and not a.bench:  # pictures are drawn of a benchmark's rows
             raise ValueError(f"--visualize {a.visualize}: give N >= 0, with --bench NAME")
-        bench = benchmarks.plan(a) if a.bench else None  # --bench NAME --data DIR: read in the upstream layout
+        bench = bench_module.plan(a) if a.bench else None  # --bench NAME --data DIR: read in the upstream layout
         plans = plan(a, bench) if a.bench == "mpgui" else plan(a) if a.data and not a.bench else None
     except (ValueError, OSError) as e:
         p.error(str(e))
@@ -248,7 +252,7 @@ def main(argv=None):
     print(f"model {m.cfg.arch} from {m.folder} ({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params, "
           f"{a.dtype}, {a.device})")
     if a.bench and a.bench != "mpgui":  # mpgui: MP-GUI's eight tasks are --data datasets, by name
-        return benchmarks.run(m, tok, a, bench, answer_batch, length_batches)
+        return bench_module.run(m, tok, a, bench, answer_batch, length_batches)
     if a.data:
         summary = evaluate(m, tok, a, plans)
         for name, r in summary["datasets"].items():

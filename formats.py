@@ -516,6 +516,16 @@ def nav_answer(step):
     return str({"action": a, "value": value, "position": pos})
 
 
+# showlab/ShowUI data/dset_aitw.py, dset_mind2web.py, dset_shared_navigation.py: get_history_qwen
+def nav_turn(head, actions, history):
+    """A navigation user turn as ShowUI builds it, [(text, is a past action after its screenshot)]: head (system text,
+    task), the past actions as text (tttt) or each after its screenshot (vtvt), then the current screenshot (IMAGE)."""
+    parts = [(head, False)]
+    for act in actions:
+        parts += [(IMAGE, False), (act, True)] if history == "vtvt" else [(act, False)]
+    return parts + [(IMAGE, False)]
+
+
 # showlab/ShowUI data/dset_shared_navigation.py: NavigationDataset
 class ShowUINavigation(QwenDataset):
     """GUIAct web-single / web-multi / smartphone: system text, task, the last num_history actions as text (tttt) or
@@ -552,11 +562,10 @@ class ShowUINavigation(QwenDataset):
 
     def build(self, rec, root_split):
         (root, split), hist = root_split, rec["step_history"][-self.num_history:] if self.num_history else []
-        parts = [("<|im_start|>user\n" + nav_system(split) + f"Task: {rec['task']}\n", False)]
-        for h in hist:
-            act = nav_answer(h["step"] if "step" in h else h)
-            parts += [(IMAGE, False), (act, self.num_turn > 1)] if self.history == "vtvt" else [(act, False)]
-        parts += [(IMAGE + f"{IM_END}\n<|im_start|>assistant\n", False), (nav_answer(rec["step"]) + IM_END, True)]
+        head = "<|im_start|>user\n" + nav_system(split) + f"Task: {rec['task']}\n"
+        acts = [nav_answer(h["step"] if "step" in h else h) for h in hist]
+        parts = [(text, past and self.num_turn > 1) for text, past in nav_turn(head, acts, self.history)]
+        parts += [(f"{IM_END}\n<|im_start|>assistant\n", False), (nav_answer(rec["step"]) + IM_END, True)]
         pieces = []  # neighbouring prompt parts are one piece: ShowUI tokenizes the whole prompt in one go
         for text, supervised in parts:
             if pieces and not supervised and not pieces[-1][1]:

@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # its own only where it would otherwise grow past what a reader holds, ~15-20% above its expected size. A module
 # without an entry is held by the total alone.
 TOTAL_BUDGET = 4000
-BUDGET = {"model.py": 1000, "formats.py": 560, "train.py": 560, "load.py": 380, "scorers.py": 320, "data.py": 300,
-          "eval.py": 260, "benchmarks.py": 280}
+BUDGET = {"model.py": 1000, "formats.py": 565, "train.py": 560, "load.py": 380, "scorers.py": 320, "data.py": 300,
+          "eval.py": 260, "benchmarks.py": 280, "navigation.py": 275}
 MAX_COLS = 120
 RUNTIME_LIBS = {"torch", "safetensors", "tokenizers", "PIL", "numpy", "tqdm", "huggingface_hub"}
 # model.py is tensors only: torch, stdlib that does no I/O, and the leaf modules it wires in. Everything that reads a
@@ -192,7 +192,7 @@ CLIS = ["train.py", "eval.py", "merge.py", "tools/world.py", "tools/aitw.py", "t
 def test_every_cli_answers_help_and_writes_nothing(tmp_path):
     missing = {os.path.relpath(os.path.join(d, f), ROOT) for d in (ROOT, os.path.join(ROOT, "tools"),
                os.path.join(ROOT, "bench")) for f in os.listdir(d) if f.endswith(".py")} - set(CLIS)
-    assert missing <= {"model.py", "load.py", "checkpoints.py", "benchmarks.py", "data.py", "formats.py", "scorers.py",
+    assert missing <= {"model.py", "load.py", "checkpoints.py", "benchmarks.py", "navigation.py", "data.py", "formats.py", "scorers.py",
                        "lora.py", "perceivers.py", "token_select.py", "tools/__init__.py", "tools/common.py"}, f"a CLI without this test: {missing}"
     for script in CLIS:
         run = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=tmp_path,
