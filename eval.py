@@ -1,13 +1,10 @@
 """Evaluation driver: greedy generation from a checkpoint folder (or hub id), for one prompt or a whole benchmark.
-With --data it checks every dataset of a meta json (a missing or unreadable image skips its sample: counted, named,
-printed), batches them through the model, scores each dataset with scorers.py (the kind scorers.TASKS names for it,
-or --task NAME=KIND) and, once all are done, writes predictions.jsonl and summary.json, each atomically.
+With --data it checks each dataset of a meta json (a missing or unreadable image skips its sample), batches them
+through the model, scores each with scorers.py (scorers.TASKS or --task NAME=KIND), writes predictions.jsonl and
+summary.json.
 
     python eval.py --model tests/fixtures/qwen2_vl_tiny --image examples/screen.png --prompt "Where is Save?"
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
-    python eval.py --model showlab/ShowUI-2B --bench screenspot --data ScreenSpot --out eval/screenspot --visualize 20
-    python eval.py --model merged/benchmark --bench mpgui --data mpgui_benchmark --out eval/mpgui
-    python eval.py --model showlab/ShowUI-2B --bench aitw --data AITW --out eval/aitw --max-new-tokens 128
 """
 import argparse
 import json
@@ -32,8 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def encode(m, tok, question, images, a, max_tiles=None):
-    """Prompt token ids (T,) and vision inputs for one question; images without an <image> placeholder go ahead of
-    it. Qwen images at the --min/--max-pixels budget; InternVL / MP-GUI images as up to max_tiles tiles."""
+    """Prompt token ids (T,) and vision inputs for one question (images without an <image> placeholder go first)."""
     if m.cfg.is_internvl:
         tiles = [data.internvl_tiles(im, max_tiles or a.max_tiles, m.cfg.vit_image_size) for im in images]
         enc = data.encode_internvl(tok, [{"from": "human", "value": question}], m.cfg.template,
@@ -64,8 +60,8 @@ def answer_batch(m, tok, prompts, a):
 
 
 def prompt_length(m, tok, a, question, paths, max_tiles=None):
-    """encode's token count less the template's (fixed for a run and image count; +-1 where the question meets it),
-    from header sizes: Qwen's smart_resize grid / 4, InternVL's num_image_token per internvl_grid tile (+ thumbnail)."""
+    """encode's token count less the template's (fixed per run and image count; +-1), from image header sizes."""
+    # Qwen: the smart_resize grid / 4; InternVL: num_image_token per internvl_grid tile (+ thumbnail)
     n = len(tok.encode(question.replace("<image>", ""), add_special_tokens=False).ids)
     for w, h in map(formats.header_size, paths):
         if m.cfg.is_internvl:
@@ -83,8 +79,7 @@ def length_batches(m, tok, a, prompts):
 
 
 def task_table(task_args):
-    """Dataset name (lower case) -> scorer kind: scorers.TASKS overridden by the --task NAME=KIND entries. A
-    malformed entry or an unknown kind is a ValueError, which main raises before it loads the model."""
+    """Dataset name (lower case) -> scorer kind: scorers.TASKS overridden by --task NAME=KIND (bad: ValueError)."""
     tasks = dict(scorers.TASKS)
     for t in task_args:
         name, _, kind = t.partition("=")
@@ -95,9 +90,8 @@ def task_table(task_args):
 
 
 def read_dataset(spec, limit):
-    """The first `limit` (0: all) non-blank lines of a dataset as dicts (line, id, question, answer, images), every
-    image checked: a missing one, or one whose header PIL cannot read, skips its sample, as "file:line: reason".
-    A missing annotation file or a line that is no chat sample is an error: the benchmark itself is broken."""
+    """The first `limit` (0: all) lines of a dataset as dicts (line, id, question, answer, images) and the skipped
+    "file:line: reason"s (a missing or unreadable image); no annotation file or a non-chat line is an error."""
     path, rows, skipped = spec["annotation"], [], []
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset {spec['name']!r}: no annotation file {path}")
@@ -121,8 +115,7 @@ def majority(kind, golds):
 
 
 def plan(a, specs=None):
-    """Every dataset of --data (or specs) read and checked, before the model loads: [(spec, scorer kind, rows, runs,
-    skipped)] with runs {prediction: image paths per row[, prediction_shuffled_images: ...]}; skipped lines printed."""
+    """Every --data dataset (or specs) read and checked before the model loads: [(spec, kind, rows, runs, skipped)]."""
     tasks, plans = task_table(a.task), []
     for spec in specs or formats.read_meta(a.data):
         kind = tasks.get(spec["name"].lower())
@@ -134,7 +127,7 @@ def plan(a, specs=None):
         if not rows:
             raise ValueError(f"{a.data}: dataset {spec['name']!r}: no usable sample ({len(skipped)} skipped)")
         paths = [r["images"] for r in rows]
-        runs = {"prediction": paths}
+        runs = {"prediction": paths}  # run -> image paths per row; + prediction_shuffled_images
         if a.shuffled_images:  # each question asked of the next distinct screen of its dataset (a rotation)
             screens = list(dict.fromkeys(p for ps in paths for p in ps))
             if len(screens) < 2:
@@ -148,10 +141,8 @@ def plan(a, specs=None):
 
 
 def evaluate(m, tok, a, plans=None):
-    """Every dataset of a meta json: predictions jsonl + summary json (scores beside the majority-answer baseline,
-    i.e. the score of always giving the most common gold answer, the skipped samples, and the settings that produced
-    them). Every dataset is read and checked before the first batch; the two files are written when all are done,
-    each atomically, so a failed run leaves the previous run's files as they were."""
+    """Every planned dataset -> predictions.jsonl + summary.json (scores, majority baseline, skips, settings)."""
+    # both written atomically once all are done: a failed run leaves the previous run's files as they were
     os.makedirs(a.out, exist_ok=True)
     summary = dict(model=m.folder, arch=m.cfg.arch, template=m.cfg.template or "chatml", padding="left",
                    decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>", system=a.system,
@@ -159,7 +150,7 @@ def evaluate(m, tok, a, plans=None):
                    else f"{a.min_pixels}..{a.max_pixels} pixels", datasets={})
     if m.cfg.is_mpgui:
         summary["mpgui_mode"] = m.cfg.mpgui_mode
-    predictions = []
+    records = []
     for spec, kind, rows, runs, skipped in plans or plan(a):
         max_tiles = spec["max_dynamic_patch"]  # the dataset's own tile budget; None: --max-tiles
         preds, bad = {k: {} for k in runs}, {}  # bad: row -> why, run by run in file order, as unsorted
@@ -168,17 +159,13 @@ def evaluate(m, tok, a, plans=None):
             order = length_batches(m, tok, a, [(r["question"], imgs[j], max_tiles) for j, r in enumerate(rows)])
             for batch in tqdm(order, desc=progress):
                 prompts, idx = [], []
-                for j in batch:
-                    if j in bad:
-                        continue
+                for j in [i for i in batch if i not in bad]:
                     try:  # a file whose header read but whose pixels do not decode is skipped here
-                        images = [formats.load_rgb(p) for p in imgs[j]]
+                        prompts.append((rows[j]["question"], [formats.load_rgb(p) for p in imgs[j]], max_tiles))
+                        idx.append(j)
                     except ValueError as e:  # load_rgb: any decode error, naming the file
                         failed[j] = f"{spec['annotation']}:{rows[j]['line']}: {e}"
                         print(f"skip {failed[j]}")
-                        continue
-                    prompts.append((rows[j]["question"], images, max_tiles))
-                    idx.append(j)
                 if prompts:
                     preds[k].update(zip(idx, answer_batch(m, tok, prompts, a)[0]))
             bad.update(sorted(failed.items()))
@@ -187,16 +174,14 @@ def evaluate(m, tok, a, plans=None):
         if not keep:
             raise ValueError(f"{a.data}: dataset {spec['name']!r}: every sample was skipped")
         golds = [rows[j]["answer"] for j in keep]
-        for j in keep:
-            r = rows[j]
-            predictions.append(json.dumps(dict(dataset=spec["name"], id=r["id"], question=r["question"],
-                                               answer=r["answer"], **{k: v[j] for k, v in preds.items()})) + "\n")
+        records += [dict(dataset=spec["name"], **{c: rows[j][c] for c in ("id", "question", "answer")},
+                         **{k: v[j] for k, v in preds.items()}) for j in keep]
         r = summary["datasets"][spec["name"]] = {"score" if k == "prediction" else k.removeprefix("prediction_"):
                                                  scorers.score(kind, [v[j] for j in keep], golds)
                                                  for k, v in preds.items()}  # score[, shuffled_images]
         r.update(scorer=kind, n=len(keep), majority_baseline=majority(kind, golds), skipped=len(skipped),
                  skipped_samples=skipped)
-    checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(predictions))
+    checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
     return summary
 

@@ -1,8 +1,8 @@
 """Scorers of the GUI benchmarks the seed systems report: pure functions, no I/O, no torch.
 
-Owns the parsers of model answers (boxes, points, actions), the metric of each benchmark, and score(kind, preds,
-golds), which eval.py --data calls per dataset with the kind TASKS names for it (--task NAME=KIND overrides). Each
-kind scores the predictions against the reference answer string of each conversation:
+Owns the parsers of model answers (boxes, points, actions), each benchmark's metric, and score(kind, preds, golds),
+which eval.py --data calls per dataset with the kind TASKS names (--task NAME=KIND overrides). Each kind scores the
+predictions against each conversation's reference answer string:
 
     box     the answer's box vs the gold box: IoU >= t, centre inside     tap     F1 of the clickable label "0"
     squad   SQuAD exact match and token F1                                rouge   ROUGE-L F-measure
@@ -10,13 +10,10 @@ kind scores the predictions against the reference answer string of each conversa
     point   the answer's point(s) inside the gold box (0-1000 grid, as parse_box reads it): ScreenSpot, Vlaser
     action  ShowUI's action dict on both sides: AITW-style type / click / step success
 
-screenspot_scores and mind2web_scores need per-record metadata the --data jsonl does not carry (split and data
-type; an element box per step) and parse_ref_box has no scorer yet: eval.py does not reach them; they are library
-functions for benchmark readers.
-
-Points (x, y) and boxes (x1, y1, x2, y2) are normalised to 0-1 unless a docstring says 0-1000 (InternVL/Vlaser
-grid). An unparsable prediction is wrong, never skipped (ShowUI; TongUI's vLLM ScreenSpot script skips them
-instead). A gold answer a scorer cannot read is an error.
+screenspot_scores and mind2web_scores take per-record metadata (split and data type; an element box per step):
+benchmarks.py and navigation.py call them. Points (x, y) and boxes (x1, y1, x2, y2) are 0-1 unless a docstring says
+0-1000 (InternVL/Vlaser grid). An unparsable prediction is wrong, never skipped (ShowUI; TongUI's vLLM ScreenSpot
+script skips it). A gold answer a scorer cannot read is an error.
 """
 import ast
 import json
@@ -54,14 +51,6 @@ def parse_points(text):
     return [(int(x), int(y)) for m in _POINTS_RE.finditer(text) for x, y in _POINT_RE.findall(m.group(1))]
 
 
-def parse_ref_box(text):
-    """'<ref>phrase</ref><box>[[x1, y1, x2, y2], ...]</box>' -> [(phrase, (x1, y1, x2, y2)), ...], one entry per
-    box, coordinates as written (the 0-1000 grid)."""
-    return [(ref.strip(), tuple(float(c) if "." in c else int(c) for c in b))
-            for ref, inner in re.findall(r"<ref>(.*?)</ref>\s*<box>(.*?)</box>", text, re.S)
-            for b in _BOX_RE.findall(inner)]
-
-
 # ShowUI main/eval_screenspot.py reads the answer with ast.literal_eval; TongUI's
 # scripts/evaluation/run_screenspot_2_vllm.py (predict_point) with json.loads, a 4-number box taken at its centre
 def parse_point(text):
@@ -79,9 +68,8 @@ def point_in_box(p, box):
 
 # ShowUI main/eval_screenspot.py: calculate_screenspot_metrics per split x type cell, 'Avg Success Rate' their mean
 def screenspot_scores(records):
-    """records: dicts with split (mobile/desktop/web), data_type (text/icon), hit (bool; a parse failure is a
-    miss). -> {'mobile/text': rate, ... for each present cell, 'avg': mean of the present cells (the reported
-    'Avg', a macro average over split x type), 'micro': all hits / all records, 'n'}."""
+    """records: dicts with split, data_type, hit (a parse failure is a miss). -> {'mobile/text': rate, ... per
+    present cell, 'avg': their mean (the reported 'Avg'), 'micro': all hits / all records, 'n'}."""
     cells = {}
     for r in records:
         c = cells.setdefault(f"{r['split']}/{r['data_type']}", [0, 0])
@@ -95,8 +83,7 @@ def screenspot_scores(records):
 
 # after InternVL internvl_chat/eval/refcoco/evaluate_grounding.py (its PATTERN): the first box, 0-1000 grid
 def parse_box(text):
-    """First box of '<box>[[x1, y1, x2, y2]]</box>', '[[...]]' or '[x1, y1, x2, y2]' on InternVL's 0-1000 grid ->
-    normalised 0-1 xyxy tuple, or None."""
+    """First box of '<box>[[x1, y1, x2, y2]]</box>', '[[...]]' or '[x1, y1, x2, y2]' (0-1000) -> 0-1 xyxy or None."""
     m = re.search(r"<box>(.*?)</box>", text, re.S)
     b = _BOX_RE.search(m.group(1) if m else text)
     return tuple(float(c) / 1000 for c in b.groups()) if b else None
@@ -113,8 +100,8 @@ def iou(a, b):
 
 # InternVL's evaluate_grounding.py counts IoU >= 0.5 ('Precision @ 1'); other thresholds and the centre are ours
 def refexp_scores(pairs, thresholds=(0.1, 0.3, 0.5, 0.7)):
-    """pairs: (pred_box or None, gt_box), xyxy, same units. -> {'acc@t': share with IoU >= t (InternVL's test),
-    'center_acc': share whose predicted box centre lies in the gt box, 'n'}; a None prediction misses."""
+    """pairs: (pred_box or None, gt_box), xyxy. -> {'acc@t': share with IoU >= t, 'center_acc': share whose
+    predicted centre lies in the gt box, 'n'}; a None prediction misses."""
     pairs = list(pairs)
     n = max(len(pairs), 1)
     ious = [iou(p, g) if p is not None else -1.0 for p, g in pairs]
@@ -125,9 +112,8 @@ def refexp_scores(pairs, thresholds=(0.1, 0.3, 0.5, 0.7)):
 
 # MP-GUI reports tappability F1; its repository has no scorer to follow, so this is the plain positive-class F1
 def binary_f1(preds, golds, positive="0"):
-    """Precision / recall / F1 of the positive class, plus accuracy; labels compare as stripped strings. MP-GUI's
-    tappability data labels "0" = clickable, hence positive="0" (clickable). An unparsable prediction (None or not
-    a label) is wrong: never the positive class, never correct."""
+    """Precision / recall / F1 of the positive class, plus accuracy, over stripped-string labels (MP-GUI: "0" =
+    clickable). An unparsable prediction (None or not a label) is never the positive class, never correct."""
     p, g = [None if x is None else str(x).strip() for x in preds], [str(x).strip() for x in golds]
     tp = sum(a == positive == b for a, b in zip(p, g))
     n_pred, n_gold = sum(a == positive for a in p), sum(b == positive for b in g)
@@ -172,8 +158,8 @@ def squad_f1(pred, golds):
 
 # rouge-score (google-research rouge/rouge_scorer.py): RougeScorer(["rougeL"]), default tokenize, no stemmer
 def rouge_l(pred, ref):
-    """ROUGE-L F-measure: LCS over rouge-score's default tokens (lowercase, non-alphanumerics -> spaces, split; no
-    stemming); 0 when either side has no tokens. A corpus score is the mean over (pred, ref) pairs."""
+    """ROUGE-L F-measure: LCS over rouge-score's default tokens (lowercase, non-alphanumerics -> spaces, split);
+    0 when either side has no tokens."""
     p, r = (re.sub(r"[^a-z0-9]+", " ", s.lower()).split() for s in (pred, ref))
     if not p or not r:
         return 0.0
@@ -193,11 +179,11 @@ def _ngrams(s, n):
 
 # pycocoevalcap cider/cider_scorer.py: CiderScorer.compute_cider (CIDEr-D)
 def cider_d(candidates, references, n=4, sigma=6.0):
-    """CIDEr-D exactly as pycocoevalcap's CiderScorer: tf-idf n-gram vectors (n = 1..4; idf = log(#ids) -
-    log(max(1, df)), df counted over the reference sets), clipped cosine sum(min(h, r) * r) / (|h| |r|) per n,
-    Gaussian length penalty (sigma 6; its 'length' is the bigram count, as there), mean over n and references, x10.
-    candidates: id -> str; references: id -> non-empty list of str. Text is pre-tokenised and split on whitespace:
-    callers should tokenise like PTBTokenizer (lowercase, punctuation removed). -> (corpus mean, {id: score})."""
+    """CIDEr-D exactly as pycocoevalcap's CiderScorer: candidates id -> str, references id -> non-empty [str],
+    pre-tokenised like PTBTokenizer (split on whitespace). -> (corpus mean, {id: score})."""
+    # tf-idf n-gram vectors (n = 1..4; idf = log(#ids) - log(max(1, df)), df over the reference sets), clipped cosine
+    # sum(min(h, r) * r) / (|h| |r|) per n, Gaussian length penalty (sigma 6; 'length' is the bigram count, as
+    # there), mean over n and references, x10
     refs = {i: [_ngrams(r, n) for r in rs] for i, rs in references.items()}
     df = Counter(g for rs in refs.values() for g in set().union(*rs))
     log_n = math.log(len(refs))
@@ -224,8 +210,7 @@ def cider_d(candidates, references, n=4, sigma=6.0):
 
 # ShowUI main/eval_aitw.py reads its answer with ast.literal_eval; TongUI answers 'Thought: ... Action: {json}'
 def parse_action(text):
-    """A navigation answer -> dict with an 'action' key, or None: ShowUI's Python dict "{'action': 'CLICK', 'value':
-    None, 'position': [0.49, 0.42]}" (ast.literal_eval) or TongUI's 'Thought: ...\\nAction: {json}'."""
+    """ShowUI's Python dict or TongUI's 'Thought: ...\\nAction: {json}' -> a dict with an 'action' key, or None."""
     s = text.rsplit("Action:", 1)[-1].strip()
     d = _literal(s)
     if d is None and "{" in s:
@@ -236,12 +221,11 @@ def parse_action(text):
 # 0.14 is _TAP_DISTANCE_THRESHOLD of Google's android_in_the_wild/action_matching.py (check_actions_match); its
 # 1.4x box enlargement and drag-direction rule are not reproduced
 def action_scores(pairs, click_radius=0.14):
-    """pairs: (pred dict or None, gold dict with 'action' and optional 'value', 'position' (x, y), 'box' (xyxy)).
-    A predicted point (a 4-number position reduces to its centre) matches if it lies in the gold box when one is
-    given, else within click_radius (Euclidean, normalised: AITW's 14 % of the screen) of the gold point; a gold
-    drag ([[x1, y1], [x2, y2]]) never matches. Types compare upper-cased, values after normalize_answer. ->
-    {'type_acc', 'click_acc' (gold CLICK/TAP steps with the right type and point), 'step_sr' (right type, point
-    if the gold is located, value if the gold has one), 'n'}."""
+    """pairs: (pred dict or None, gold dict: 'action', optional 'value', 'position' (x, y), 'box' (xyxy)). ->
+    {'type_acc', 'click_acc' (gold CLICK/TAP steps), 'step_sr' (type, point if located, value if given), 'n'}."""
+    # a predicted point (a 4-number position: its centre) matches inside the gold box if given, else within
+    # click_radius (Euclidean, 0-1) of the gold point; a gold drag never matches. Types upper-cased, values
+    # normalize_answer'ed
     n = n_click = type_ok = click_ok = step_ok = 0
     for pred, gold in pairs:
         pred, n, act = pred or {}, n + 1, str(gold["action"]).upper()
@@ -262,11 +246,9 @@ def action_scores(pairs, click_radius=0.14):
 # Mind2Web src/action_prediction/metric.py: calculate_f1, step success = element right and op F1 == 1; ShowUI
 # main/eval_mind2web.py: element = point in the gold bbox, TYPE/SELECT value lower-cased, 'Operation F1' by op
 def mind2web_scores(steps):
-    """steps: dicts with pred_action, pred_value, pred_point (None if unparsed), gold_op, gold_value, gold_box.
-    Op F1 is Mind2Web's calculate_f1 (F1 of the sets of whitespace tokens) between 'OP value' strings, the value
-    lower-cased and only for TYPE/SELECT (SeeClick/ShowUI). -> {'ele_acc' (predicted point inside the gold box),
-    'op_f1' (mean over steps), 'op_f1_macro' (mean over gold-op categories: ShowUI's 'Operation F1'), 'step_sr'
-    (element right and op F1 == 1), 'n'}."""
+    """steps: dicts with pred_action, pred_value, pred_point (None if unparsed), gold_op, gold_value, gold_box. ->
+    {'ele_acc', 'op_f1' (mean over steps), 'op_f1_macro' (over gold-op categories: ShowUI's), 'step_sr', 'n'}."""
+    # op F1: calculate_f1 (F1 of whitespace-token sets) of 'OP value' strings, value lower-cased, TYPE/SELECT only
     def op(a, v):
         a = str(a).upper()
         return f"{a} {str(v).lower()}" if a in ("TYPE", "SELECT") and v is not None else a

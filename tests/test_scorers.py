@@ -154,13 +154,10 @@ def test_cider_d_hand():
     assert S.cider_d({"a": "", "b": "y"}, {"a": ["p q r"], "b": ["z"]})[0] == 0.0
 
 
-def test_parse_points_and_ref_box():
+def test_parse_points():
     assert S.parse_points("<point>[[1, 2], [30,40]]</point> and <point>[[5, 6]]</point>") == [(1, 2), (30, 40), (5, 6)]
     assert S.parse_points("<point>[1, 2]</point>") == [] and S.parse_points("") == []
     assert S.parse_points("<point>[[1.5, 2]]</point>") == []
-    text = "<ref>Save button</ref><box>[[10, 20, 30, 40]]</box> <ref>x</ref><box>[[1,2,3,4], [5, 6, 7, 8]]</box>"
-    assert S.parse_ref_box(text) == [("Save button", (10, 20, 30, 40)), ("x", (1, 2, 3, 4)), ("x", (5, 6, 7, 8))]
-    assert S.parse_ref_box("<box>[[1, 2, 3, 4]]</box>") == [] and S.parse_ref_box("<ref>a</ref><box>[[1]]</box>") == []
 
 
 def test_parse_action():
@@ -225,6 +222,7 @@ def test_shuffled_images_control(tmp_path, monkeypatch):
     names = {Image.new("RGB", (1, 1), c).getpixel((0, 0)): c for c in colours}
     monkeypatch.setattr(E, "answer_batch", lambda m, tok, prompts, a: (
         [names[images[0].getpixel((0, 0))] for _, images, _ in prompts], 0))
+    monkeypatch.setattr(E, "prompt_length", lambda *args: 0)  # no tokenizer: one length, file order
     m = SimpleNamespace(folder="stand-in", cfg=SimpleNamespace(arch="internvl", is_internvl=True, is_mpgui=False,
                                                                 template="internlm2-chat"))
     a = SimpleNamespace(task=["colour=match"], out=str(tmp_path / "out"), max_new_tokens=8, system=None, max_tiles=1,
