@@ -1,8 +1,7 @@
 """Navigation benchmarks for eval.py --bench aitw|mind2web|guiact --data DIR. Scoring: AITW as main/eval_aitw.py
 (Google's action matching; step SR per category, Overall their mean); Mind2Web as main/eval_mind2web.py through
 scorers.mind2web_scores; GUIAct (no upstream scorer) through scorers.action_scores, element box if given, else
-0.14, a step of several actions right when each is. An unparsable answer is a miss.
-"""
+0.14, a step of several actions right when each is. An unparsable answer is a miss."""
 # ShowUI's metadata layout (fields as showlab/ShowUI prepare/hf_aitw.py, hf_mind2web.py, hf_guiact.ipynb write them;
 # each reader names what it reads): AITW DIR/metadata/hf_test.json (split: the domain field), Mind2Web
 # hf_test_{task,website,domain}.json, GUIAct hf_test_{web-single,web-multi,smartphone}.json (checked as
@@ -201,8 +200,7 @@ def read(bench, folder, num_history=4, history="tttt", limit=0):
 def score(bench, s, text):
     """One answer -> its predictions row: answer, parsed ([dict] or None: scorers.parse_action, or several dicts
     joined by ','), point, hit and scored (what aggregate reads)."""
-    acts = scorers.parse_action(text)
-    acts = [acts] if acts else scorers._literal(text)
+    acts = [d] if (d := scorers.parse_action(text)) else scorers._literal(text)
     acts = list(acts) if isinstance(acts, (list, tuple)) and acts and all(isinstance(d, dict) and "action" in d
                                                                           for d in acts) else None
     one, point = acts[0] if acts and len(acts) == 1 else None, _xy(acts[0].get("position")) if acts else None
@@ -282,7 +280,6 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     if not rows:
         raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     sc = scores(a.bench, rows)
-    md = table(a.bench, sc)
     summary = dict(bench=a.bench, data=a.data, model=m.folder, arch=m.cfg.arch, history=a.history,
                    num_history=a.num_history, first_prompt=samples[0]["question"].replace("<image>", "<image: screen>"),
                    template="chatml, " + ("no system turn" if a.system == "none" else f"system {a.system!r}"),
@@ -292,8 +289,8 @@ def run(m, tok, a, bench, answer_batch, length_batches):
                    scoring=__doc__.split("Scoring: ")[1].split(" An unparsable")[0], n=len(rows), scores=sc,
                    skipped=len(skipped), skipped_samples=skipped)
     os.makedirs(a.out, exist_ok=True)
-    for name, text in (("predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),
-                       ("summary.json", json.dumps(summary, indent=1)), ("results.md", md)):
-        checkpoints.write_atomic(os.path.join(a.out, name), text)
-    print(md)
+    checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
+    checkpoints.write_atomic(os.path.join(a.out, "results.md"), table(a.bench, sc))
+    print(table(a.bench, sc))
     return summary
