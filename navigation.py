@@ -1,14 +1,13 @@
-"""Navigation benchmarks for eval.py --bench aitw|mind2web|guiact --data DIR, in ShowUI's metadata layout (fields as
-showlab/ShowUI prepare/hf_aitw.py, hf_mind2web.py, hf_guiact.ipynb write them; each reader names what it reads):
-AITW DIR/metadata/hf_test.json (split: the domain field), Mind2Web hf_test_{task,website,domain}.json, GUIAct
-hf_test_{web-single,web-multi,smartphone}.json (checked as formats.ShowUINavigation checks training), DIR/images/.
-Each step is asked as ShowUI trains on it (formats.nav_turn; no system turn on Qwen). Scoring: AITW as main/eval_aitw.py
+"""Navigation benchmarks for eval.py --bench aitw|mind2web|guiact --data DIR. Scoring: AITW as main/eval_aitw.py
 (Google's action matching; step SR per category, Overall their mean); Mind2Web as main/eval_mind2web.py through
 scorers.mind2web_scores; GUIAct (no upstream scorer) through scorers.action_scores, element box if given, else
-0.14, a step of several actions right when each is. An unparsable answer is a miss. Assumed, not verifiable: the
-released files' values beyond the prepare scripts; InternVL / MP-GUI models are asked ShowUI's words (MP-GUI ships
-no navigation prompt).
-"""
+0.14, a step of several actions right when each is. An unparsable answer is a miss."""
+# ShowUI's metadata layout (fields as showlab/ShowUI prepare/hf_aitw.py, hf_mind2web.py, hf_guiact.ipynb write them;
+# each reader names what it reads): AITW DIR/metadata/hf_test.json (split: the domain field), Mind2Web
+# hf_test_{task,website,domain}.json, GUIAct hf_test_{web-single,web-multi,smartphone}.json (checked as
+# formats.ShowUINavigation checks training), DIR/images/. Each step is asked as ShowUI trains on it (formats.nav_turn;
+# no system turn on Qwen). Assumed, not verifiable: the released files' values beyond the prepare scripts; InternVL /
+# MP-GUI models are asked ShowUI's words (MP-GUI ships no navigation prompt).
 import json
 import math
 import os
@@ -24,39 +23,39 @@ BENCHES = ("aitw", "mind2web", "guiact")
 FILES = {"aitw": [("hf_test", None)],
          "mind2web": [(f"hf_test_{s}", f"cross-{s}") for s in ("task", "website", "domain")],
          "guiact": [(f"hf_test_{s}", s) for s in ("web-single", "web-multi", "smartphone")]}
-DOMAINS = {"general": "General", "install": "Install", "googleapps": "GoogleApps", "single": "Single",
-           "webshopping": "WebShopping"}
+DOMAINS = {d.lower(): d for d in ("General", "Install", "GoogleApps", "Single", "WebShopping")}
 METRICS = {"aitw": ("type_acc", "click_acc", "scroll_acc", "text_acc", "step_sr"),
            "mind2web": ("ele_acc", "op_f1", "op_f1_macro", "step_sr"),
            "guiact": ("type_acc", "click_acc", "action_sr", "step_sr")}
 
-# showlab/ShowUI data/template/aitw.py: _AITW_SYSTEM + _AITW_SYSTEM_json, as aitw_to_qwen joins them
-AITW_SYSTEM = ("You are an assistant trained to navigate the mobile phone. \nGiven a task instruction, a screen "
-               "observation, and an action history sequence, \noutput the next action and wait for the next "
-               "observation. \nHere is the action space:\n1. `CLICK`: Click on an element, value is not applicable "
-               "and the position [x,y] is required. \n2. `TYPE`: Type a string into an element, value is a string to "
-               "type and the position is not applicable.\n3. `SELECT`: Select a value for an element, value is the "
-               "value to select and the position is not applicable.\n4. `SCROLL UP`: Scroll up for the screen.\n5. "
-               "`SCROLL DOWN`: Scroll down for the screen.\n6. `SCROLL LEFT`: Scroll left for the screen.\n7. "
-               "`SCROLL RIGHT`: Scroll right for the screen.\n8. `PRESS BACK`: Press for returning to the previous "
-               "step, value and position are not applicable.\n9. `PRESS HOME`: Press for returning to the home "
-               "screen, value and position are not applicable.\n10. `PRESS ENTER`: Press for submitting the input "
-               "content, value and position are not applicable.\n11. `STATUS TASK COMPLETE`: Indicate the task is "
-               "completed, value and position are not applicable.\n12. `STATUS TASK IMPOSSIBLE `: Indicate the task "
-               "is impossible to complete, value and position are not applicable.\n\nFormat the action as a "
-               "dictionary with the following keys:\n{'action': 'ACTION_TYPE', 'value': 'element', 'position': "
-               "[x,y]}\n\nIf value or position is not applicable, set it as `None`.\nPosition represents the "
-               "relative coordinates on the screenshot and should be scaled to a range of 0-1.\n")
+
+def _system(where, space, none=""):
+    """ShowUI's navigation system text: the role, the numbered action space [(action, words)], the answer format."""
+    return (f"You are an assistant trained to navigate the {where}. \nGiven a task instruction, a screen observation, "
+            "and an action history sequence, \noutput the next action and wait for the next observation. \nHere is "
+            "the action space:\n" + "".join(f"{i}. `{a}`: {d}\n" for i, (a, d) in enumerate(space, 1)) + "\nFormat "
+            "the action as a dictionary with the following keys:\n{'action': 'ACTION_TYPE', 'value': 'element', "
+            f"'position': [x,y]}}\n\n{none}Position represents the relative coordinates on the screenshot and should "
+            "be scaled to a range of 0-1.\n")
+
+
+# showlab/ShowUI data/template/aitw.py: _AITW_SYSTEM + _AITW_SYSTEM_json, as aitw_to_qwen joins them (spaces verbatim)
+AITW_SYSTEM = _system("mobile phone", [
+    ("CLICK", "Click on an element, value is not applicable and the position [x,y] is required. "),
+    ("TYPE", "Type a string into an element, value is a string to type and the position is not applicable."),
+    ("SELECT", "Select a value for an element, value is the value to select and the position is not applicable."),
+    *[(f"SCROLL {d.upper()}", f"Scroll {d} for the screen.") for d in ("up", "down", "left", "right")],
+    *[(a, d + ", value and position are not applicable.") for a, d in {
+        "PRESS BACK": "Press for returning to the previous step",
+        "PRESS HOME": "Press for returning to the home screen", "PRESS ENTER": "Press for submitting the input content",
+        "STATUS TASK COMPLETE": "Indicate the task is completed",
+        "STATUS TASK IMPOSSIBLE ": "Indicate the task is impossible to complete"}.items()]],
+    "If value or position is not applicable, set it as `None`.\n")
 # data/template/mind2web.py: _MIND2WEB_SYSTEM (mind2web_to_qwen adds no format text)
-MIND2WEB_SYSTEM = ("You are an assistant trained to navigate the web. \nGiven a task instruction, a screen "
-                   "observation, and an action history sequence, \noutput the next action and wait for the next "
-                   "observation. \nHere is the action space:\n1. `CLICK`: Click on an element, value is the element "
-                   "to click and the position [x,y] is required.\n2. `TYPE`: Type a string into an element, value is "
-                   "the string to type and the position [x,y] is required.\n3. `SELECT`: Select a value for an "
-                   "element, value is the value to select and the position [x,y] is required.\n\nFormat the action "
-                   "as a dictionary with the following keys:\n{'action': 'ACTION_TYPE', 'value': 'element', "
-                   "'position': [x,y]}\n\nPosition represents the relative coordinates on the screenshot and should "
-                   "be scaled to a range of 0-1.\n")
+MIND2WEB_SYSTEM = _system("web", [
+    ("CLICK", "Click on an element, value is the element to click and the position [x,y] is required."),
+    ("TYPE", "Type a string into an element, value is the string to type and the position [x,y] is required."),
+    ("SELECT", "Select a value for an element, value is the value to select and the position [x,y] is required.")])
 # published, percent (docs/mpgui.md 4.2; docs/showui_tongui.md B.7, C), in the paper table's column order
 M2W = [(f"{s} {m}", s, k) for s in ("cross-task", "cross-website", "cross-domain")
        for m, k in (("Ele.Acc", "ele_acc"), ("Op.F1", "op_f1_macro"), ("Step SR", "step_sr"))]
@@ -91,17 +90,18 @@ def aitw_action(name, touch=None, lift=None, text=""):
 
 
 # main/utils_aitw.py check_actions_match (Google's android_in_the_wild action_matching.py)
+# Taps: within 0.14, or both in one annotation box grown as _resize_annotation_bounding_boxes grows it (lopsided, as
+# there). Swipes: same main axis (a tie is y).
 def aitw_match(p, g, annot):
-    """Either side not dual-point: same type. Taps: within 0.14, or both in one annotation box grown as
-    _resize_annotation_bounding_boxes grows it (lopsided, as there). Swipes: same main axis (a tie is y)."""
+    """Google's action match: either side not dual-point, the same type; else the tap or swipe rule."""
     tap = [math.dist(a[1], a[2]) <= 0.04 for a in (p, g)]
     if p[0] != 4 or g[0] != 4 or tap[0] != tap[1]:
         return p[0] == g[0] != 4
     boxes = [(max(0, x - 0.7 * w), max(0, y - 0.7 * h), min(1, 2.4 * w), min(1, 2.4 * h))
              for y, x, h, w in zip(*[iter(annot)] * 4)]
     if tap[0]:
-        return math.dist(p[1], g[1]) <= 0.14 or any(all(scorers.point_in_box(q, (x, y, x + w, y + h)) for q in
-                                                        (p[1], g[1])) for x, y, w, h in boxes)
+        in_box = [all(scorers.point_in_box(q, (x, y, x + w, y + h)) for q in (p[1], g[1])) for x, y, w, h in boxes]
+        return math.dist(p[1], g[1]) <= 0.14 or any(in_box)
     return len({abs(a[2][0] - a[1][0]) > abs(a[2][1] - a[1][1]) for a in (p, g)}) == 1
 
 
@@ -116,8 +116,9 @@ def aitw_answer(s):
 
 
 def _aitw(rec, hist, split, o):
-    """A step of hf_test.json: domain, task, img_url, action_type_id/_text, touch, lift ([x, y]), type_text,
-    annot_position ([y, x, h, w] * n), step_history (SeeClick steps: img_filename for vtvt)."""
+    """A step of hf_test.json -> the reader's sample fields."""
+    # reads domain, task, img_url, action_type_id/_text, touch, lift ([x, y]), type_text, annot_position
+    # ([y, x, h, w] * n), step_history (SeeClick steps: img_filename for vtvt)
     annot = rec["annot_position"]
     if rec["domain"] not in DOMAINS or len(annot) % 4 or not all(map(benchmarks._num, annot)):
         raise ValueError(f"domain {rec['domain']!r} not one of {', '.join(DOMAINS)}, or annot_position not 4n numbers")
@@ -141,8 +142,9 @@ def m2w_answer(step, rep, size):
 
 
 def _mind2web(rec, hist, split, o):
-    """task, img_url, img_size, step {operation, bbox px}, step_repr, step_history: samples as dset_mind2web.py reads
-    them, or raw steps as prepare/hf_mind2web.py writes them (then repr_history and the record's img_size)."""
+    """A Mind2Web step -> the reader's sample fields."""
+    # reads task, img_url, img_size, step {operation, bbox px}, step_repr, step_history: samples as dset_mind2web.py
+    # reads them, or raw steps as prepare/hf_mind2web.py writes them (then repr_history and the record's img_size)
     (gold, box), reprs = m2w_answer(rec["step"], rec["step_repr"], rec["img_size"]), rec.get("repr_history", [])
     reprs = reprs[len(reprs) - len(hist):]  # a raw history step's step_repr
     acts = [str((m2w_answer(h["step"], h["step_repr"], h["img_size"]) if "step" in h else
@@ -165,9 +167,9 @@ def _guiact(rec, hist, split, o):
 
 
 def read(bench, folder, num_history=4, history="tttt", limit=0):
-    """The benchmark under folder -> (samples, skipped): each sample carries file, record, split, instruction, image
-    (the screenshot), images (all, in prompt order), question, gold (ShowUI's answer), box, target (what score
-    reads). Malformed records raise (all listed); a missing image skips its sample."""
+    """The benchmark under folder -> (samples, skipped); malformed records raise (all listed), a missing image skips."""
+    # a sample: file, record, split, instruction, image (the screenshot), images (all, in prompt order), question,
+    # gold (ShowUI's answer), box, target (what score reads)
     files = [(p, s) for f, s in FILES[bench] if os.path.isfile(p := os.path.join(folder, "metadata", f + ".json"))]
     if not files:
         raise FileNotFoundError(f"{folder}: none of metadata/{{{','.join(f for f, _ in FILES[bench])}}}.json")
@@ -198,8 +200,7 @@ def read(bench, folder, num_history=4, history="tttt", limit=0):
 def score(bench, s, text):
     """One answer -> its predictions row: answer, parsed ([dict] or None: scorers.parse_action, or several dicts
     joined by ','), point, hit and scored (what aggregate reads)."""
-    acts = scorers.parse_action(text)
-    acts = [acts] if acts else scorers._literal(text)
+    acts = [d] if (d := scorers.parse_action(text)) else scorers._literal(text)
     acts = list(acts) if isinstance(acts, (list, tuple)) and acts and all(isinstance(d, dict) and "action" in d
                                                                           for d in acts) else None
     one, point = acts[0] if acts and len(acts) == 1 else None, _xy(acts[0].get("position")) if acts else None
@@ -274,9 +275,8 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     """Every sample answered and scored; predictions.jsonl, summary.json (every setting) and results.md at the end."""
     samples, skipped = bench[0], list(bench[1])
     a = SimpleNamespace(**{**vars(a), "system": "none" if a.system is None and not m.cfg.is_internvl else a.system})
-    rows = [score(a.bench, s, t) for s, t in benchmarks.answer_all(m, tok, a, samples, skipped, answer_batch,
-                                                                   length_batches,
-                                                                   lambda s: (s["question"], s["images"], None))]
+    rows = [score(a.bench, s, t) for s, t in benchmarks.answer_all(
+        m, tok, a, samples, skipped, answer_batch, length_batches, lambda s: (s["question"], s["images"], None))]
     if not rows:
         raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     sc = scores(a.bench, rows)

@@ -96,6 +96,7 @@ def inject(monkeypatch, answers, asked):
     monkeypatch.setattr(E, "answer_batch", answer_batch)
     monkeypatch.setattr(E.load, "load_model", lambda *args, **kw: QWEN)
     monkeypatch.setattr(E.load, "load_tokenizer", lambda folder: None)
+    monkeypatch.setattr(E, "prompt_length", lambda *args: 0)  # no tokenizer: one length, file order
 
 
 def cli(bench, folder, out, *extra):
