@@ -1,18 +1,6 @@
-"""Benchmarks read in the layout their authors distribute, for eval.py --bench NAME --data DIR.
-
-ScreenSpot comes in three layouts, all read here (v2: OS-Copilot/ScreenSpot-v2, SeeClick's records renamed):
-    ShowUI   DIR/metadata/hf_test_full.json: a list of {img_url, task, bbox [x, y, w, h] px, img_size [w, h],
-             split mobile|desktop|web, data_type text|icon}, images under DIR/images/
-    SeeClick DIR/screenspot_{mobile,desktop,web}.json: lists of {img_filename, instruction, bbox [x, y, w, h] px,
-             data_type, data_source}, images under DIR/screenspot_imgs/ (its screenspot_test.py arguments)
-    v2       DIR/screenspot_{mobile,desktop,web}_v2.json, images under DIR/screenspotv2_image/
-vlaser_points reads Vlaser's point sets (read_points); mpgui runs MP-GUI's eight tasks through eval.py's --data path.
-Every record is checked before the model loads: a malformed one (a missing field, a bad bbox, split or type) is an
-error naming file, record index and reason (all of them at once: the benchmark itself is broken); a missing or
-unreadable image is a counted skip, named and printed. Each family is asked as its own source asks it (FAMILIES); an
-unparsable answer is a miss (ShowUI's rule; TongUI's vLLM script drops them, reported beside as `skip_unparsable`).
-predictions.jsonl, summary.json and results.md are written atomically at the end, then any --visualize pictures.
-"""
+"""Benchmarks read in the layout their authors distribute, for eval.py --bench NAME --data DIR (see README.md)."""
+# Every record is checked before the model loads: the malformed ones are one error naming file, record index and
+# reason; a missing or unreadable image is a counted skip, printed. Each family is asked as its own source asks it.
 import json
 import math
 import os
@@ -30,15 +18,10 @@ import scorers
 
 SPLITS, TYPES = ("mobile", "desktop", "web"), ("text", "icon")
 # showlab/ShowUI main/eval_screenspot.py: _SCREENSPOT_SYSTEM + ' ' + _SYSTEM_point, content [text, image, task];
-# TongUI (scripts/evaluation) asks the same words
-SHOWUI_PROMPT = ("Based on the screenshot of the page, I give a text description and you give its corresponding "
-                 "location. The coordinate represents a clickable location [x, y] for an element, which is a relative "
-                 "coordinate on the screenshot, scaled from 0 to 1.<image>{}")
+# TongUI (scripts/evaluation) asks the same words; they are the words of ShowUI's grounding training, scaled 0 to 1
+SHOWUI_PROMPT = formats.ShowUIGrounding.PROMPT.format(1) + "<image>{}"
 # OpenGVLab/Vlaser evaluate_point_pixmo.py: the point prefix + ' Please provide the referring points of {expr}.'
-VLASER_PROMPT = ("You are InternVL. Your task is to locate several points in the given image according to the task "
-                 "descriptions. Your answer should be formatted as \"<point>[[x1, y1], [x2, y2],...]</point>\". The "
-                 "point coordinates are normalized to integers between 0 and 1000. Return the answer in the point "
-                 "format directly. Please provide the referring points of {}.")
+VLASER_PROMPT = formats.VLASER_POINT_PREFIX + " Please provide the referring points of {}."
 # InternVL eval/refcoco/evaluate_grounding.py (MP-GUI ships no ScreenSpot prompt): a 0-1000 box, scored at its centre
 BOX_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{}</ref>"
 
@@ -56,21 +39,18 @@ def tongui_point(text):
 
 def box_centre(text):
     """InternVL's box answer (0-1000 grid), first box, taken at its centre (0-1)."""
-    b = scorers.parse_box(text)
-    return None if b is None else ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)
+    return scorers._as_point(scorers.parse_box(text))
 
 
 def vlaser_point(text):
     """Vlaser: the first point of '<point>[[x, y], ...]</point>' (0-1000 ints) / 1000."""
-    pts = scorers.parse_points(text)
-    return (pts[0][0] / 1000, pts[0][1] / 1000) if pts else None
+    return next(((x / 1000, y / 1000) for x, y in scorers.parse_points(text)), None)
 
 
-# family -> (prompt, system: None = the template's default, "none" = no system turn, parse, needs InternVL)
-FAMILIES = {"showui": (SHOWUI_PROMPT, "none", showui_point, False),  # trained and evaluated without a system turn
-            "tongui": (SHOWUI_PROMPT, None, tongui_point, False),  # Qwen2.5-VL's chat template adds its default
-            "vlaser": (VLASER_PROMPT, None, vlaser_point, True),
-            "mpgui": (BOX_PROMPT, None, box_centre, True)}
+# family -> (prompt, system: None = the template's default, "none" = no system turn, parse, needs InternVL). ShowUI
+# is trained and evaluated without a system turn; for TongUI Qwen2.5-VL's chat template adds its default
+FAMILIES = dict(showui=(SHOWUI_PROMPT, "none", showui_point, False), tongui=(SHOWUI_PROMPT, None, tongui_point, False),
+                vlaser=(VLASER_PROMPT, None, vlaser_point, True), mpgui=(BOX_PROMPT, None, box_centre, True))
 # published ScreenSpot rows (docs/showui_tongui.md F, C.4; docs/mpgui.md 4.2), percent, in the table's cell order
 PUBLISHED = {"showui": ("ShowUI-2B", (92.3, 75.5, 76.3, 61.1, 81.7, 63.6), 75.1),
              "tongui": ("TongUI-3B", (90.5, 76.0, 86.5, 68.5, 87.4, 68.4), 79.6),
@@ -102,8 +82,8 @@ def _num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# why a ScreenSpot record is malformed, or None
 def check_record(r, seeclick):
-    """Why a ScreenSpot record is malformed, or None."""
     if not isinstance(r, dict):
         return f"a {type(r).__name__}, not an object"
     fields = ("img_filename", "instruction") if seeclick else ("img_url", "task", "img_size", "split")
@@ -114,28 +94,31 @@ def check_record(r, seeclick):
         return "empty or non-string instruction or image name"
     if not (isinstance(b, list) and len(b) == 4 and all(map(_num, b)) and b[2] > 0 and b[3] > 0):
         return f"bbox {b!r} is not [x, y, w, h] with w, h > 0"
-    if r["data_type"] not in TYPES:
-        return f"data_type {r['data_type']!r} not one of {', '.join(TYPES)}"
-    if not seeclick and r["split"] not in SPLITS:
-        return f"split {r['split']!r} not one of {', '.join(SPLITS)}"
-    s = r.get("img_size")
-    if not seeclick and not (isinstance(s, list) and len(s) == 2 and all(_num(v) and v > 0 for v in s)):
+    for key, allowed in (("data_type", TYPES), ("split", SPLITS))[:1 if seeclick else 2]:  # SeeClick: no split
+        if r[key] not in allowed:
+            return f"{key} {r[key]!r} not one of {', '.join(allowed)}"
+    if not (seeclick or isinstance(s := r["img_size"], list) and len(s) == 2 and all(_num(v) and v > 0 for v in s)):
         return f"img_size {s!r} is not [w, h] > 0"
 
 
+# ScreenSpot comes in three layouts (v2: OS-Copilot/ScreenSpot-v2, SeeClick's records renamed):
+#   ShowUI   DIR/metadata/hf_test_full.json: a list of {img_url, task, bbox [x, y, w, h] px, img_size [w, h],
+#            split mobile|desktop|web, data_type text|icon}, images under DIR/images/
+#   SeeClick DIR/screenspot_{mobile,desktop,web}.json: lists of {img_filename, instruction, bbox [x, y, w, h] px,
+#            data_type, data_source}, images under DIR/screenspot_imgs/ (its screenspot_test.py arguments)
+#   v2       DIR/screenspot_{mobile,desktop,web}_v2.json, images under DIR/screenspotv2_image/
+# v2 is read where any of its files is there. The names are the HF tree's of OS-Copilot/ScreenSpot-v2 (main 5efbb1f;
+# screenspotv2_image.zip unzips to screenspotv2_image/); the record fields and text|icon types are SeeClick's as the
+# OS-Atlas-derived screenspot_test scripts read them (the JSON itself was not opened)
+# A sample: file, record, image, instruction, split, data_type and the gold box normalised to 0-1 xyxy
 def read_screenspot(folder, limit=0):
-    """ScreenSpot under folder in any of its layouts -> (samples, skipped, layout); samples carry file, record, image,
-    instruction, split, data_type and the gold box normalised to 0-1 xyxy. Malformed records raise (all listed)."""
-    meta = os.path.join(folder, "metadata", "hf_test_full.json")
-    if os.path.isfile(meta):
-        layout, files, images = "showui", [(meta, None)], os.path.join(folder, "images")
-    else:  # v2 where any of its files is there. The names are the HF tree's of OS-Copilot/ScreenSpot-v2 (main
-        # 5efbb1f; screenspotv2_image.zip unzips to screenspotv2_image/); the record fields and text|icon types are
-        # SeeClick's as the OS-Atlas-derived screenspot_test scripts read them (the JSON itself was not opened)
+    """ScreenSpot under folder, any layout -> (samples, skipped, layout); malformed records raise, all listed."""
+    if os.path.isfile(meta := os.path.join(folder, "metadata", "hf_test_full.json")):
+        layout, files, images = "showui", [(meta, None)], "images"
+    else:
         v2 = any(os.path.isfile(os.path.join(folder, f"screenspot_{s}_v2.json")) for s in SPLITS)
         layout, images, tail = ("v2", "screenspotv2_image", "_v2") if v2 else ("seeclick", "screenspot_imgs", "")
         files = [(p, s) for s in SPLITS if os.path.isfile(p := os.path.join(folder, f"screenspot_{s}{tail}.json"))]
-        images = os.path.join(folder, images)
         if not files:
             raise FileNotFoundError(f"{folder}: neither metadata/hf_test_full.json (ShowUI) nor "
                                     "screenspot_{mobile,desktop,web}[_v2].json (SeeClick, v2)")
@@ -148,12 +131,12 @@ def read_screenspot(folder, limit=0):
             if why := check_record(r, split is not None):
                 bad.append(f"{path}: record {k}: {why}")
                 continue
-            img = os.path.join(images, r["img_filename"] if split else r["img_url"])
+            img = os.path.join(folder, images, r["img_filename"] if split else r["img_url"])
             if why := image_problem(img):
                 skipped.append(f"{path}: record {k}: {why}")
                 continue
-            w, h = formats.header_size(img) if split else r["img_size"]  # ShowUI normalises by img_size
-            x, y, bw, bh = r["bbox"]
+            # ShowUI normalises by img_size
+            (w, h), (x, y, bw, bh) = formats.header_size(img) if split else r["img_size"], r["bbox"]
             samples.append(dict(file=path, record=k, image=img, instruction=r["instruction"] if split else r["task"],
                                 split=split or r["split"], data_type=r["data_type"],
                                 box=(x / w, y / h, (x + bw) / w, (y + bh) / h)))
@@ -170,8 +153,8 @@ def image_problem(img):
         return str(e) if os.path.isfile(img) else f"missing image {img}"
 
 
+# why a point record is malformed (InternVL's line checks, formats.parse_line, first), or None
 def point_problem(r):
-    """Why a point record is malformed (InternVL's line checks, formats.parse_line, first), or None."""
     if (why := formats.parse_line(r))[0] is None:
         return why[1]
     seg = r.get("segmentation", [])  # PACO: objects, each a list of flat [x1, y1, x2, y2, ...] polygons, px
@@ -188,9 +171,9 @@ def point_problem(r):
 # conversations[, segmentation (PACO)]}, a sample per human turn with <ref>expr</ref>, the PixMo gold the [x, y]
 # (0-1000) of the gpt turn with that <ref> (a sample without any is dropped there: a listed skip here); the images
 # sit under a fixed cluster path there, under --data here. Unverified: the eval files themselves are not published,
-# so that their gold [x, y] are on the prompt's 0-1000 grid is assumed (the radius compares them with the answers')
+# so that their gold [x, y] are on the prompt's 0-1000 grid is assumed (the radius compares them with the answers').
+# Every folder/*.jsonl is one set -> (samples with set, size and polygons or gold, skipped, "vlaser")
 def read_points(folder, limit=0):
-    """Every folder/*.jsonl, one set each -> (samples with set, size and polygons or gold, skipped, "vlaser")."""
     samples, skipped, bad = [], [], []
     for path in [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")]:
         for k, r, why in formats.read_jsonl(path):
@@ -226,16 +209,16 @@ def point_hits(text, s):
     return dict(point=pts[0] if pts else None, points=pts, inside=inside, counted=max(len(pts), 1))
 
 
+# per set and over 'all': precision = answer points inside / points counted (the scripts' acc), the counts, n
 def point_scores(rows):
-    """Per set and over 'all': precision = answer points inside / points counted (the scripts' acc), the counts, n."""
     sets = {k: [r for r in rows if k in ("all", r["set"])] for k in sorted({r["set"] for r in rows}) + ["all"]}
     return {k: dict(precision=sum(r["inside"] for r in v) / max(sum(r["counted"] for r in v), 1), n=len(v),
                     inside=sum(r["inside"] for r in v), counted=sum(r["counted"] for r in v)) for k, v in sets.items()}
 
 
-# a file of DIR that is not a task's is no silent skip but an error: a misnamed task would vanish from the table
+# eval.py's dataset specs of a meta json, or of DIR's {TASK}.jsonl (any case; images under DIR; no other jsonl). A
+# file of DIR that is not a task's is no silent skip but an error: a misnamed task would vanish from the table
 def mpgui_specs(path):
-    """eval.py's dataset specs of a meta json, or of DIR's {TASK}.jsonl (any case; images under DIR; no other jsonl)."""
     specs = formats.read_meta(path) if os.path.isfile(path) else [
         dict(name=f[:-6], root=path, annotation=os.path.join(path, f), max_dynamic_patch=None)
         for f in sorted(os.listdir(path)) if f.endswith(".jsonl")]
@@ -245,9 +228,9 @@ def mpgui_specs(path):
     return specs
 
 
+# results.md: our row of the eight paper metrics (x100) beside MP-GUI's published row -> {task: ours or None};
 # '-': a task not in --data, or one --task scores with a kind the paper does not report
 def mpgui_table(summary, out):
-    """results.md: our row of the eight paper metrics (x100) beside MP-GUI's published row -> {task: ours or None}."""
     got = {n.upper(): r for n, r in summary["datasets"].items()}
     row = {t: 100 * got[t]["score"][PAPER_METRIC[got[t]["scorer"]]] if got.get(t, {}).get("scorer") in PAPER_METRIC
            else None for t in MPGUI}
@@ -259,15 +242,14 @@ def mpgui_table(summary, out):
     return row
 
 
+# what eval.py checks before the model loads: the benchmark read, the skips printed (mpgui: its specs)
 def plan(a):
-    """What eval.py checks before the model loads: the benchmark read, the skips printed (mpgui: its specs)."""
     if not a.data:
         raise ValueError(f"--bench {a.bench}: give --data DIR, the benchmark's folder")
     if a.bench == "mpgui":
         return mpgui_specs(a.data)
     samples, skipped, layout = (read_points if a.bench == "vlaser_points" else read_screenspot)(a.data, a.limit)
-    for s in skipped:
-        print(f"skip {s}")
+    print("".join(f"skip {s}\n" for s in skipped), end="")
     if not samples:
         raise ValueError(f"{a.data}: no usable {a.bench} sample ({len(skipped)} skipped)")
     return samples, skipped, layout
@@ -285,10 +267,9 @@ def markdown(title, head, rows, note):
             + "".join("| " + " | ".join(map(str, r)) + " |\n" for r in rows) + f"\n{note}\n")
 
 
+# results.md: the papers' layout, one row of split x type cells, the macro Avg and the micro average
 def table(scores, fam):
-    """results.md: the papers' layout, one row of split x type cells, the macro Avg and the micro average."""
-    rows = [["ours"] + [f"{100 * scores[c]:.1f}" if c in scores else "-" for c in CELLS]
-            + [f"{100 * scores['avg']:.1f}", f"{100 * scores['micro']:.1f}"]]
+    rows = [["ours"] + [f"{100 * scores[c]:.1f}" if c in scores else "-" for c in CELLS + ["avg", "micro"]]]
     if fam in PUBLISHED:
         rows.append([f"{PUBLISHED[fam][0]} (published)", *PUBLISHED[fam][1], PUBLISHED[fam][2], "-"])
     return markdown("ScreenSpot", ["model"] + [c.replace("/", " ") for c in CELLS] + ["Avg (macro)", "micro"], rows,
@@ -305,28 +286,27 @@ def point_table(scores):
 
 
 def answer_all(m, tok, a, samples, skipped, answer_batch, length_batches, ask):
-    """[(sample, answer)] in file order for every sample, asked longest first (length_batches); ask(sample) ->
-    (question, image paths, max tiles). A sample whose pixels do not decode (its header read) is a skip, printed and
-    appended to skipped in file order (navigation.py asks through it too)."""
+    """[(sample, answer)] in file order, asked longest first; ask(sample) -> (question, image paths, max tiles)."""
+    # a sample whose pixels do not decode (its header read) is a skip, printed and appended to skipped in file order
     asks, answers, failed = [ask(s) for s in samples], {}, {}
     for batch in tqdm(length_batches(m, tok, a, asks), desc=a.bench):
-        idx, prompts = [], []
+        prompts = {}  # index -> prompt
         for i in batch:
             try:
-                prompts.append((asks[i][0], [formats.load_rgb(p) for p in asks[i][1]], asks[i][2]))
-                idx.append(i)
+                prompts[i] = (asks[i][0], [formats.load_rgb(p) for p in asks[i][1]], asks[i][2])
             except ValueError as e:  # the header read but the pixels do not decode
                 failed[i] = f"{samples[i]['file']}: record {samples[i]['record']}: {e}"
                 print(f"skip {failed[i]}")
-        answers.update(zip(idx, answer_batch(m, tok, prompts, a)[0] if prompts else []))
+        answers.update(zip(prompts, answer_batch(m, tok, list(prompts.values()), a)[0] if prompts else []))
     skipped += [failed[i] for i in sorted(failed)]
     return [(samples[i], answers[i]) for i in sorted(answers)]
 
 
+# every sample answered and scored; predictions.jsonl, summary.json and results.md written, then any pictures;
+# scored by scorers.screenspot_scores, or (vlaser_points) point_hits; an unparsable answer is a miss (ShowUI's
+# rule; TongUI's vLLM script drops them: skip_unparsable beside)
 def run(m, tok, a, bench, answer_batch, length_batches):
-    """Every sample through answer_all, scored with scorers.screenspot_scores (vlaser_points: point_hits, Vlaser's
-    prompt with the scripts' leading space and tiles); the three files written at the end, then any pictures."""
-    samples, skipped, layout = bench
+    samples, skipped, layout = bench[0], list(bench[1]), bench[2]  # a copy: answer_all appends to skipped
     points = a.bench == "vlaser_points"
     fam = family(a, m.cfg, "vlaser" if points else None)
     prompt, system, parse, _ = FAMILIES[fam]
@@ -336,12 +316,11 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     score = point_scores if points else scorers.screenspot_scores
     hits = point_hits if points else lambda t, s: dict(point=parse(t), hit=scorers.point_in_box(parse(t), s["box"]))
     a = SimpleNamespace(**{**vars(a), "system": system if a.system is None else a.system})  # --system wins
-    skipped, rows = list(skipped), []
-    for s, text in answer_all(m, tok, a, samples, skipped, answer_batch, length_batches,
-                              lambda s: (prompt.format(s["instruction"]), [s["image"]], tiles)):
-        rows.append(dict(s, answer=text, **hits(text, s)))
-        if fam == "mpgui":  # the box it answered, for the pictures
-            rows[-1]["pred_box"] = scorers.parse_box(text)
+    rows = [dict(s, answer=t, **hits(t, s)) for s, t in answer_all(
+        m, tok, a, samples, skipped, answer_batch, length_batches,
+        lambda s: (prompt.format(s["instruction"]), [s["image"]], tiles))]
+    for r in rows if fam == "mpgui" else []:  # the box it answered, for the pictures
+        r["pred_box"] = scorers.parse_box(r["answer"])
     if not rows:
         raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     scores = score(rows)
@@ -369,8 +348,8 @@ def run(m, tok, a, bench, answer_batch, length_batches):
 GOLD, HIT, MISS = (0, 170, 0), (0, 90, 255), (230, 0, 0)  # the gold box green; a prediction blue (hit) or red
 
 
+# one row drawn, longer side <= size px: gold box, predicted dot and box in the hit or miss colour, caption
 def picture(r, size=800):
-    """One row drawn, longer side <= size px: gold box, predicted dot and box in the hit or miss colour, caption."""
     im = formats.load_rgb(r["image"])
     W, H = (round(v * min(1, size / max(im.size))) for v in im.size)
     colour, word = (HIT, "HIT") if r["hit"] else (MISS, "MISS")
@@ -387,10 +366,10 @@ def picture(r, size=800):
     return out
 
 
+# Any benchmark's rows drawn -> folder: NNN_hit|miss.png (NNN: the row index) for the first n rows, misses_SPLIT.png
+# grids. rows: dicts of image (path), instruction, split (a word: it names a file), box (gold, 0-1 xyxy), point (0-1
+# or None), hit, optional pred_box (0-1 xyxy), answer. Drawn in folder.tmp, then renamed
 def visualize(rows, folder, n, misses=9, cell=320):
-    """Pictures of any benchmark's rows, dicts of image (path), instruction, split (a word: it names a file), box (gold,
-    0-1 xyxy), point (0-1 or None), hit, optional pred_box (0-1 xyxy), answer -> folder: NNN_hit|miss.png (NNN: row
-    index) for the first n rows, misses_SPLIT.png grids of each split's first misses; drawn in folder.tmp, renamed."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
