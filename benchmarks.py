@@ -285,6 +285,16 @@ def point_table(scores):
                     "radius) over all answer points, an answer without one counting one miss.")
 
 
+def write_outputs(out, rows, summary, md=None):
+    """OUT/predictions.jsonl (one line per row), summary.json and results.md (printed too), each atomically."""
+    os.makedirs(out, exist_ok=True)
+    checkpoints.write_atomic(os.path.join(out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    checkpoints.write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
+    if md is not None:
+        checkpoints.write_atomic(os.path.join(out, "results.md"), md)
+        print(md)
+
+
 def answer_all(m, tok, a, samples, skipped, answer_batch, length_batches, ask):
     """[(sample, answer)] in file order, asked longest first; ask(sample) -> (question, image paths, max tiles)."""
     # a sample whose pixels do not decode (its header read) is a skip, printed and appended to skipped in file order
@@ -335,11 +345,7 @@ def run(m, tok, a, bench, answer_batch, length_batches):
                    skip_unparsable=score([r for r in rows if r["point"] is not None]),
                    skipped=len(skipped), skipped_samples=skipped)
     md = point_table(scores) if points else table(scores, fam)
-    os.makedirs(a.out, exist_ok=True)
-    checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
-    checkpoints.write_atomic(os.path.join(a.out, "results.md"), md)
-    print(md)
+    write_outputs(a.out, rows, summary, md)
     if a.visualize and not points:  # after the scores and their files: a picture that fails to draw costs no result
         visualize(rows, os.path.join(a.out, "pictures"), a.visualize)
     return summary

@@ -7,7 +7,6 @@ summary.json.
     python eval.py --model merged/benchmark --data training_data/benchmark_eval.json --out eval/benchmark
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -18,7 +17,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import benchmarks
-import checkpoints
 import data
 import formats
 import load
@@ -181,8 +179,7 @@ def evaluate(m, tok, a, plans=None):
                                                  for k, v in preds.items()}  # score[, shuffled_images]
         r.update(scorer=kind, n=len(keep), majority_baseline=majority(kind, golds), skipped=len(skipped),
                  skipped_samples=skipped)
-    checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
-    checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
+    benchmarks.write_outputs(a.out, records, summary)
     return summary
 
 

@@ -8,14 +8,12 @@ scorers.mind2web_scores; GUIAct (no upstream scorer) through scorers.action_scor
 # formats.ShowUINavigation checks training), DIR/images/. Each step is asked as ShowUI trains on it (formats.nav_turn;
 # no system turn on Qwen). Assumed, not verifiable: the released files' values beyond the prepare scripts; InternVL /
 # MP-GUI models are asked ShowUI's words (MP-GUI ships no navigation prompt).
-import json
 import math
 import os
 import re
 from types import SimpleNamespace
 
 import benchmarks
-import checkpoints
 import formats
 import scorers
 
@@ -288,9 +286,5 @@ def run(m, tok, a, bench, answer_batch, length_batches):
                    decoding=f"greedy, max_new_tokens {a.max_new_tokens} (ShowUI: 128), stop at <|im_end|>",
                    scoring=__doc__.split("Scoring: ")[1].split(" An unparsable")[0], n=len(rows), scores=sc,
                    skipped=len(skipped), skipped_samples=skipped)
-    os.makedirs(a.out, exist_ok=True)
-    checkpoints.write_atomic(os.path.join(a.out, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    checkpoints.write_atomic(os.path.join(a.out, "summary.json"), json.dumps(summary, indent=1))
-    checkpoints.write_atomic(os.path.join(a.out, "results.md"), table(a.bench, sc))
-    print(table(a.bench, sc))
+    benchmarks.write_outputs(a.out, rows, summary, table(a.bench, sc))
     return summary
