@@ -287,4 +287,6 @@ def run(m, tok, a, bench, answer_batch, length_batches):
                    scoring=__doc__.split("Scoring: ")[1].split(" An unparsable")[0], n=len(rows), scores=sc,
                    skipped=len(skipped), skipped_samples=skipped)
     benchmarks.write_outputs(a.out, rows, summary, table(a.bench, sc))
+    if a.visualize:  # the gold box where the step has one (Mind2Web, GUIAct), the predicted point
+        benchmarks.visualize(rows, os.path.join(a.out, "pictures"), a.visualize)
     return summary

@@ -169,7 +169,7 @@ def test_mind2web_cli_end_to_end(tmp_path, monkeypatch):
                "sort": "{'action': 'SELECT', 'value': 'Price', 'position': [0.2, 0.2]}"}  # gold value is 'Sort by'
     asked = []
     inject(monkeypatch, answers, asked)
-    s = cli("mind2web", folder, tmp_path / "out")
+    s = cli("mind2web", folder, tmp_path / "out", "--visualize", "3")
     assert N.MIND2WEB_SYSTEM == UP_M2W
     past = "{'action': 'CLICK', 'value': 'Search', 'position': [0.2, 0.2]}"
     assert [q for q, _, _ in asked][1:] == [UP_M2W + "Task: type" + past + "<image>",
@@ -181,6 +181,9 @@ def test_mind2web_cli_end_to_end(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
     assert rows[0]["box"] == [0.1, 0.1, 0.3, 0.3] and [r["hit"] for r in rows] == [True, False, False]
     assert N.scores("mind2web", rows) == s["scores"]
+    # pictures as for ScreenSpot: one per sample, hit or miss as scored; a grid of the misses of each split
+    assert sorted(os.listdir(tmp_path / "out" / "pictures")) == ["000_hit.png", "001_miss.png", "002_miss.png",
+                                                                 "misses_cross-task.png", "misses_cross-website.png"]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| ours | 50.0 | 100.0 | 50.0 | 100.0 | 40.0 | 0.0 | - | - | - |" in md
     (folder / "metadata" / "hf_test_domain.json").write_text(json.dumps([dict(search, img_size=[0, 1])]))
