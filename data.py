@@ -1,8 +1,7 @@
 """Preprocessing a reader checks against the official processors: Qwen2-VL / Qwen2.5-VL smart_resize, patchify and
 ChatML; InternVL2 / InternVL3 dynamic tiling and the internlm2-chat / internvl2_5 templates with labels; the Qwen
-training pieces, collate, length-grouped order and the special tokens; tokenizer.json or SentencePiece loading. The
-on-disk dataset formats that feed these are formats.py's. Only torch, numpy, PIL and tokenizers at run time; the
-numerics mirror the HF image processors (PIL backend) so that pixel_values match them to float rounding."""
+training pieces, collate, length-grouped order and the special tokens (dataset formats: formats.py). The numerics
+mirror the HF image processors (PIL backend) so that pixel_values match them to float rounding."""
 import math
 
 import numpy as np
@@ -151,8 +150,8 @@ TEMPLATES = {
 
 # OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py: find_closest_aspect_ratio (+ dynamic_preprocess's grids)
 def internvl_grid(width, height, min_num=1, max_tiles=12, image_size=448):
-    """(cols, rows) of the tile grid whose aspect ratio is closest to the image's.
-    The candidates are built and sorted exactly as InternVL does: ties in area keep CPython's set order."""
+    """(cols, rows) of the tile grid whose aspect ratio is closest to the image's."""
+    # the candidates are built and sorted exactly as InternVL does: ties in area keep CPython's set order
     ratios = set((i, j) for n in range(min_num, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
                  if min_num <= i * j <= max_tiles)
     best, best_diff = (1, 1), float("inf")
@@ -273,8 +272,8 @@ def encode_internvl(tokenizer, conversations, template, tiles_per_image, num_ima
 # OpenGVLab/InternVL internvl_chat/internvl/patch/pad_data_collator.py: concat_pad_data_collator; Qwen samples:
 # showlab/ShowUI data/dataset.py: collate_fn, hiyouga/LLaMA-Factory src/llamafactory/data/collator.py (its classes)
 def collate(samples, pad_id):
-    """Samples -> one right-padded batch; a skipped sample's (file, line, reason) goes to "skipped". InternVL tiles
-    are stacked in sample order; Qwen patch rows concatenated and grid rows stacked, in order."""
+    """Samples -> one right-padded batch; a skipped sample's (file, line, reason) goes to "skipped"."""
+    # InternVL tiles are stacked in sample order; Qwen patch rows concatenated and grid rows stacked, in order
     skipped = [s["skip"] for s in samples if "skip" in s]
     samples = [s for s in samples if "skip" not in s]
     if not samples:  # every sample was skipped: the trainer logs and moves on
@@ -297,9 +296,9 @@ def collate(samples, pad_id):
 
 # OpenGVLab/InternVL internvl_chat/internvl/patch/train_sampler_patch.py: get_length_grouped_indices (from LLaVA)
 def length_grouped_indices(lengths, megabatch, seed):
-    """LLaVA / InternVL group_by_length: random megabatches of world_size * grad_accum * micro_batch samples, each
-    sorted longest first, so a micro-batch (a consecutive slice, dealt to the ranks) holds similar lengths and
-    pads little. InternVL also balances the slices' token sums (split_to_even_chunks); we keep the plain sort."""
+    """LLaVA / InternVL group_by_length: random megabatches (world_size * grad_accum * micro_batch), each sorted
+    longest first, so a micro-batch (a consecutive slice) holds similar lengths and pads little."""
+    # InternVL also balances the slices' token sums (split_to_even_chunks); we keep the plain sort
     idx = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     return [i for s in range(0, len(idx), megabatch) for i in sorted(idx[s:s + megabatch], key=lambda i: -lengths[i])]
 
@@ -307,8 +306,8 @@ def length_grouped_indices(lengths, megabatch, seed):
 # showlab/ShowUI data/template/utils.py: batch_add_answer; hiyouga/LLaMA-Factory src/llamafactory/data/template.py:
 # Template.encode_multiturn
 def encode_pieces(tokenizer, pieces, images, min_pixels, max_pixels):
-    """pieces [(text, supervised)], each tokenized on its own as ShowUI and LLaMA-Factory do (a piece's labels are
-    its ids or -100); each <|image_pad|> placeholder takes the next image."""
+    """pieces [(text, supervised)], each tokenized on its own (labels: its ids or -100) as ShowUI, LLaMA-Factory."""
+    # each <|image_pad|> placeholder takes the next image
     if sum(text.count(IMAGE_PAD) for text, _ in pieces) != len(images):
         raise ValueError(f"{sum(t.count(IMAGE_PAD) for t, _ in pieces)} image placeholders for {len(images)} images")
     pixel_values, grid = qwen_images(images, min_pixels, max_pixels)

@@ -39,9 +39,8 @@ def read_json(folder, name):
 
 
 def fingerprint(folder, samples=64, chunk=1 << 16):
-    """A short hash of what a checkpoint folder holds: config.json's bytes and, of each safetensors file, its name,
-    size, header (tensor names, dtypes, shapes, offsets) and `samples` evenly spaced chunks of its data. A merge
-    changes every adapted matrix, so it shows, and a 16 GB base is fingerprinted in well under a second."""
+    """A short hash of a checkpoint folder: config.json, and each safetensors file's name, size, header and
+    `samples` evenly spaced chunks of its data (a merge shows; a 16 GB base takes well under a second)."""
     h = hashlib.sha256()
     with open(os.path.join(folder, "config.json"), "rb") as f:
         h.update(f.read())
@@ -58,8 +57,8 @@ def fingerprint(folder, samples=64, chunk=1 << 16):
 
 
 def resolve(path):
-    """A local folder, or a hub id (owner/name) fetched (config, weights, tokenizer files) through huggingface_hub.
-    A path that starts with / . ~, or whose first part is a local folder, is never taken for a hub id."""
+    """A local folder, or a hub id (owner/name) fetched through huggingface_hub."""
+    # a path that starts with / . ~, or whose first part is a local folder, is never taken for a hub id
     if os.path.isdir(path):
         return path
     if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) or os.path.isdir(path.split("/")[0]):
@@ -68,9 +67,8 @@ def resolve(path):
 
 
 def hub_snapshot(repo_id):
-    """snapshot_download with a timeout on every request (GUIVLM_HUB_TIMEOUT seconds, default 20) and HF_HUB_OFFLINE
-    respected; a hub that cannot be reached, or a repo not found or not cached, is one line (SystemExit), which the
-    CLIs print as is, never a traceback or a hang."""
+    """snapshot_download with a timeout on every request (GUIVLM_HUB_TIMEOUT seconds, default 20), HF_HUB_OFFLINE
+    respected; an unreachable hub, or a repo not found or not cached, is one line (SystemExit), never a hang."""
     import huggingface_hub as hub
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -136,9 +134,9 @@ def config_from_hf(d, where="config.json", generation_config=None, mpgui=False):
 
 
 def qwen_config(d, arch, where, generation_config=None):
-    """Vision keys absent from the file take the defaults of transformers' Qwen2VLVisionConfig /
-    Qwen2_5_VLVisionConfig (models/qwen2_vl/configuration_qwen2_vl.py, models/qwen2_5_vl/...), as the official
-    Qwen2-VL-2B config.json stores only a few of them."""
+    """The ModelConfig of a Qwen2-VL / Qwen2.5-VL config.json; absent vision keys take transformers' defaults."""
+    # Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig (models/qwen2_vl/configuration_qwen2_vl.py, models/qwen2_5_vl/...):
+    # the official Qwen2-VL-2B config.json stores only a few of them
     t = {**d, **d.get("text_config", {})}  # 5.x nests the decoder under text_config; 4.x keeps it flat
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     hidden, heads = _need(t, "hidden_size", where), _need(t, "num_attention_heads", where)
@@ -247,15 +245,12 @@ def qwen_key(k):
 
 
 def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu", optional=()):
-    """Fills every parameter of `model` from the folder's safetensors. Missing, unexpected or mis-shaped keys stop
-    the load with their names. A tied head takes the embedding; a stored head that differs from it is an error.
-    Submodules named in `optional` may be absent as a whole: they are allocated (for the caller to initialise)
-    and their names returned."""
+    """Fills every parameter of `model` from the folder's safetensors; missing, unexpected or mis-shaped keys stop
+    the load with their names. Submodules in `optional` may be absent: allocated, their names returned."""
+    # a tied head takes the embedding; a stored head that differs from it is an error
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = model.cfg.tie_word_embeddings
-    head = "lm_head.weight"
-    seen, unexpected, wrong = set(), [], []
-    state = {}
+    tied, head = model.cfg.tie_word_embeddings, "lm_head.weight"
+    seen, unexpected, wrong, state = set(), [], [], {}
     for path in safetensors_files(folder):
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -295,10 +290,9 @@ def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu", op
 
 def load_model(path, dtype=None, device="cpu", mpgui=False, **settings):
     """Builds the model a checkpoint folder (or hub id) describes and loads its weights; dtype None keeps the
-    file's dtype. mpgui=True builds MP-GUI on an InternVL checkpoint: the perceivers and gate it lacks start from
-    their first-stage init. `settings` (names in SETTINGS) are set on the config before the model is built:
-    InternVL's special-token ids (a None reads them from the tokenizer files, as when not given) and run-time
-    switches such as mpgui_mode, gate_mask and ShowUI's lm_skip_* / uigraph_*."""
+    file's dtype. mpgui=True: MP-GUI on an InternVL checkpoint, the parts it lacks from their first-stage init.
+    `settings` (names in SETTINGS) are set on the config before the model is built."""
+    # InternVL's special-token ids among them: None (or not given) reads them from the tokenizer files
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise TypeError(f"load_model: unknown settings {unknown}; allowed: {', '.join(SETTINGS)}")
@@ -348,8 +342,8 @@ def load_tokenizer(path):
 
 
 def _proto_fields(buf):
-    """(field number, value) of a protobuf message: varint key = field << 3 | wire type (0 varint, 1 fixed64,
-    2 length-prefixed, 5 fixed32)."""
+    """(field number, value) of a protobuf message."""
+    # varint key = field << 3 | wire type (0 varint, 1 fixed64, 2 length-prefixed, 5 fixed32)
     def varint(i):
         out = shift = 0
         while True:
@@ -371,9 +365,9 @@ def _proto_fields(buf):
 
 
 def read_spm_model(model_file):
-    """ModelProto: 1 pieces {1 piece, 2 score, 3 type}, 2 trainer_spec {3 model_type, 35 byte_fallback,
-    41 bos_id}, 3 normalizer_spec {2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces}.
-    Returns the pieces (text, score, type) and the two specs as {field: value}."""
+    """A SentencePiece model's pieces (text, score, type) and its trainer and normalizer specs as {field: value}."""
+    # ModelProto: 1 pieces {1 piece, 2 score, 3 type}, 2 trainer_spec {3 model_type, 35 byte_fallback, 41 bos_id},
+    # 3 normalizer_spec {2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces}
     with open(model_file, "rb") as f:
         fields = list(_proto_fields(f.read()))
 
