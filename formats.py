@@ -20,8 +20,8 @@ from data import (IM_END, IMAGE, QWEN_SYSTEM, encode_internvl, encode_pieces, in
 # Reading JSON and JSON Lines: a bad whole file is one error naming it; a bad jsonl line is a skip of that line only
 
 def _utf8(path):
-    """The file's bytes, checked to be UTF-8 text; a leading UTF-8 BOM is dropped (editors write it and json tools
-    such as jq accept it; it carries no data)."""
+    """The file's bytes, checked to be UTF-8 text, without a leading UTF-8 BOM."""
+    # editors write a BOM and json tools such as jq accept it; it carries no data
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
@@ -33,8 +33,9 @@ def _utf8(path):
 
 
 def _loads(raw):
-    """(value, None) or (None, why) for one JSON text's bytes; json's RecursionError (deep nesting) and int-limit
-    ValueError (a >4300-digit integer) become a why, as do bytes that are not UTF-8."""
+    """(value, None) or (None, why) for one JSON text's bytes."""
+    # json's RecursionError (deep nesting) and int-limit ValueError (a >4300-digit integer) become a why, as does
+    # a UnicodeDecodeError
     try:
         return json.loads(raw.decode("utf-8")), None
     except UnicodeDecodeError as e:
@@ -55,14 +56,14 @@ def read_json(path):
 
 
 def read_jsonl(path):
-    """[(line number from 1, value, None) or (line, None, why)] for the non-blank lines. Lines end at "\\n" only (JSON
-    Lines; a CRLF's "\\r" is JSON whitespace), so a stray "\\r" inside a line cannot shift the numbers after it."""
+    """[(line number from 1, value, None) or (line, None, why)] for the non-blank lines."""
+    # lines end at "\n" only (JSON Lines; a CRLF's "\r" is JSON whitespace): a stray "\r" cannot shift the numbers
     return [(n, *_loads(line)) for n, line in enumerate(_utf8(path).split(b"\n"), 1) if line.strip()]
 
 
 def text_error(value):
-    """None, or why a parsed value's strings cannot be UTF-8 encoded (a lone surrogate from a "\\ud800" escape), which
-    would crash the tokenizer mid-run."""
+    """None, or why a parsed value's strings cannot be UTF-8 encoded (which would crash the tokenizer mid-run)."""
+    # the cause: a lone surrogate from a "\ud800" escape
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
@@ -84,8 +85,8 @@ def header_size(path):
 
 
 def load_rgb(path):
-    """The image decoded now (a broken file fails here, its handle closed) as RGB; 16-bit grey (I;16*, I), which
-    PIL's RGB conversion clips at 255, is scaled to 8 bits first."""
+    """The image decoded now (a broken file fails here, its handle closed) as RGB."""
+    # 16-bit grey (I;16*, I), which PIL's RGB conversion clips at 255, is scaled to 8 bits first
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I"):
@@ -296,8 +297,7 @@ class InternVLDataset(torch.utils.data.Dataset):
 
 
 def load_report(ds):
-    """Log lines at load, per file: the records skipped of those read (each skip itself is a line of ds.skipped), and
-    the LLaMA-Factory records kept with an untagged system message (keep_untagged_system), with where they are."""
+    """Log lines at load, per file: the records skipped of those read, and those kept by keep_untagged_system."""
     n, kept = collections.Counter(f for f, _, _ in ds.skipped), getattr(ds, "untagged_system", [])
     out = [f"skipped {n[f]} of {total} records in {f} at load" for f, total in ds.records.items()]
     for f in dict.fromkeys(f for f, _ in kept):
@@ -316,8 +316,7 @@ def _unit(v, n):
 
 
 def read_records(path):
-    """[(where, record, why)]: a jsonl file's lines (where: line number from 1), else a JSON list's records (where:
-    index from 0); a whole-file error is a ValueError naming the file."""
+    """[(where, record, why)]: a jsonl file's lines (where: from 1), else a JSON list's records (where: from 0)."""
     if path.endswith(".jsonl"):
         return read_jsonl(path)
     records = read_json(path)
@@ -327,9 +326,8 @@ def read_records(path):
 
 
 class QwenDataset(torch.utils.data.Dataset):
-    """Records checked once at start (check -> None or why), built into (pieces, images) and encoded at each fetch; a
-    record ShowUI or LLaMA-Factory would crash on is skipped, as (file, where, reason), at either; where: a jsonl line
-    number from 1, or a JSON list's record index from 0."""
+    """Records checked once at start (check -> None or why), built into (pieces, images) and encoded at each fetch."""
+    # a record ShowUI or LLaMA-Factory would crash on is skipped, as (file, where, reason), at either
 
     def __init__(self, tokenizer, min_pixels, max_pixels, max_length):
         self.tokenizer, self.min_pixels, self.max_pixels = tokenizer, min_pixels, max_pixels
@@ -430,9 +428,10 @@ class ShowUIGrounding(QwenDataset):
 
 # showlab/ShowUI data/dset_shared_grounding.py: GroundingDataset.random_crop_metadata
 def showui_crop(image, size, elements, lo, hi):
-    """ShowUI's random_crop_metadata: a U(lo, hi) x metadata-size crop per side; a side larger than the image pastes it
-    centred on a white crop-size canvas (whose other side may cut it). Elements whose int-truncated pixel bbox lies
-    inside survive, renormalised (none: the original image and elements); unlike ShowUI, the record is not rewritten."""
+    """ShowUI's random_crop_metadata: a U(lo, hi) x metadata-size crop per side -> (image, surviving elements)."""
+    # a side larger than the image pastes it centred on a white crop-size canvas (whose other side may cut it).
+    # Elements whose int-truncated pixel bbox lies inside survive, renormalised (none: the original image and
+    # elements); unlike ShowUI, the record is not rewritten.
     (W, H), canvas, px, py, x0, y0 = size, image, 0, 0, 0, 0
     cw, ch = int(W * random.uniform(lo, hi)), int(H * random.uniform(lo, hi))
     if cw > W or ch > H:  # the canvas is the crop: nothing left to choose
@@ -484,8 +483,8 @@ def nav_system(split):
 
 
 def nav_step_error(step, split):
-    """None, or why a step (or a list of steps) is not one nav_answer can render in the split's action space: points
-    are checked as grounding checks them (numbers in 0..1: ShowUI's are relative), and a required one must be there."""
+    """None, or why a step (or a list of steps) is not one nav_answer can render in the split's action space."""
+    # points are checked as grounding checks them (numbers in 0..1: ShowUI's are relative); a required one must be there
     space = dict(NAV_ACTIONS[split])
     for s in step if isinstance(step, list) and step else [step]:
         a = s.get("action_type") if isinstance(s, dict) else None
@@ -518,8 +517,9 @@ def nav_answer(step):
 
 # showlab/ShowUI data/dset_aitw.py, dset_mind2web.py, dset_shared_navigation.py: get_history_qwen
 def nav_turn(head, actions, history):
-    """A navigation user turn as ShowUI builds it, [(text, is a past action after its screenshot)]: head (system text,
-    task), the past actions as text (tttt) or each after its screenshot (vtvt), then the current screenshot (IMAGE)."""
+    """A navigation user turn as ShowUI builds it, [(text, is a past action after its screenshot)]."""
+    # head (system text, task), the past actions as text (tttt) or each after its screenshot (vtvt), then the current
+    # screenshot (IMAGE)
     parts = [(head, False)]
     for act in actions:
         parts += [(IMAGE, False), (act, True)] if history == "vtvt" else [(act, False)]
@@ -578,9 +578,10 @@ class ShowUINavigation(QwenDataset):
 
 # hiyouga/LLaMA-Factory src/llamafactory/data/mm_plugin.py: MMPluginMixin and Qwen2VLPlugin._preprocess_image
 def llamafactory_image(image, max_pixels, min_pixels=32 * 32):
-    """LLaMA-Factory's image preprocessing before smart_resize: the area cap (0: none) and floor, the Qwen2-VL 28-pixel
-    side floor, and a side over 200 x the other shrunk to 180 x (where smart_resize would refuse it). At TongUI's cap
-    1344 x 28 x 28, 1920x1080 trains at 1368x769 -> 1372x756 = 1323 tokens, not smart_resize's 1296."""
+    """LLaMA-Factory's image preprocessing before smart_resize: area cap (0: none) and floor, side limits."""
+    # side limits: the Qwen2-VL 28-pixel floor, and a side over 200 x the other shrunk to 180 x (where smart_resize
+    # would refuse it). At TongUI's cap 1344 x 28 x 28, 1920x1080 trains at 1368x769 -> 1372x756 = 1323 tokens, not
+    # smart_resize's 1296.
     if max_pixels and image.width * image.height > max_pixels:
         f = math.sqrt(max_pixels / (image.width * image.height))
         image = image.resize((int(image.width * f), int(image.height * f)))  # PIL's default filter, as LLaMA-Factory
@@ -602,11 +603,12 @@ def _strings(d):
 
 # hiyouga/LLaMA-Factory src/llamafactory/data/: parser.py, converter.py (SharegptDatasetConverter), template.py
 class LlamaFactoryDataset(QwenDataset):
-    """LLaMA-Factory sharegpt data (TongUI): dataset_info.json names local json / jsonl files and their column and tag
-    mapping; the qwen2_vl template; each message tokenized on its own, loss on every answer + its "<|im_end|>\\n".
-    image_max_pixels: LLaMA-Factory's default 768 x 768. keep_untagged_system: tags that omit system_tag leave it
-    unset in LLaMA-Factory (parser.py), which then drops a record whose first message has the role "system"; so do we
-    (a skip naming it), unless this is True: then that message is the system turn, and the records are counted."""
+    """LLaMA-Factory sharegpt data (TongUI) that dataset_info.json names, in the qwen2_vl template."""
+    # dataset_info.json names local json / jsonl files and their column and tag mapping; each message is tokenized
+    # on its own, loss on every answer + its "<|im_end|>\n". image_max_pixels: LLaMA-Factory's default 768 x 768.
+    # keep_untagged_system: tags that omit system_tag leave it unset in LLaMA-Factory (parser.py), which then drops a
+    # record whose first message has the role "system"; so do we (a skip naming it), unless this is True: then that
+    # message is the system turn, and the records are counted.
     TAGS = dict(role_tag="from", content_tag="value", user_tag="human", assistant_tag="gpt", system_tag="system")
 
     def __init__(self, dataset_dir, names, tokenizer, min_pixels, max_pixels, max_length, image_max_pixels=768 * 768,
