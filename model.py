@@ -96,8 +96,8 @@ _FLEX = None  # compiled FlexAttention, built on first use (packed rows on CUDA)
 
 
 def attention(q, k, v, mask=None, causal=False):
-    """q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0. mask: bool, broadcastable to (B, H, T, S), True where a
-    query may attend; never combined with `causal` (one mask per call). Returns (B, H, T, D)."""
+    """q (B, H, T, D); k, v (B, Hkv, S, D) with H % Hkv == 0 -> (B, H, T, D)."""
+    # mask: bool, broadcastable to (B, H, T, S), True where a query may attend; never combined with `causal`
     assert not (causal and mask is not None)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: query head i reads kv head i // (H / Hkv)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -119,8 +119,8 @@ def attention(q, k, v, mask=None, causal=False):
 
 
 def doc_block_mask(doc):
-    """FlexAttention BlockMask for packed rows: causal within each document of doc (B, T) ids; None off CUDA or
-    where torch has no FlexAttention (then the boolean mask of decoder_mask serves)."""
+    """FlexAttention BlockMask for packed rows: causal within each document of doc (B, T) ids."""
+    # None off CUDA or where torch has no FlexAttention (then the boolean mask of decoder_mask serves)
     try:
         from torch.nn.attention.flex_attention import create_block_mask
     except ImportError:
@@ -132,8 +132,8 @@ def doc_block_mask(doc):
 
 
 def segment_layout(seqlens, device):
-    """Packs variable-length segments (images, windows) of a flat sequence into a padded batch, so one fused
-    attention call serves them all. Returns gather index (n, L), validity (n, L) and a key mask or None."""
+    """Packs variable-length segments (images, windows) of a flat sequence into a padded batch for one attention."""
+    # returns gather index (n, L), validity (n, L) and a key mask or None
     seqlens = [s for s in seqlens if s > 0]
     L, starts = max(seqlens), [0]
     for s in seqlens[:-1]:
@@ -179,8 +179,8 @@ def inv_freq(dim, theta, device=None):  # always fp32: a bf16 inv_freq drifts th
 
 
 class Block(nn.Module):
-    """A transformer block whose `block` may be recomputed in backward (activation checkpointing). The checkpoint
-    sits inside forward, so hooks on the module (FSDP2's all-gathers) stay outside the recomputed region."""
+    """A transformer block whose `block` may be recomputed in backward (activation checkpointing)."""
+    # the checkpoint sits inside forward, so hooks on the module (FSDP2's all-gathers) stay outside the recomputation
     checkpointing = False
 
     def forward(self, x, *rest):
@@ -280,8 +280,8 @@ class PatchMerger(nn.Module):  # 2x2 neighbouring patches (4 consecutive rows) -
 
 
 def window_index(grid_thw, win, merge):
-    """Qwen2.5-VL windows: the merged-token grid of each image cut into win x win windows in raster order.
-    Returns the permutation of merged tokens that makes every window contiguous, and the window lengths."""
+    """Qwen2.5-VL windows: each image's merged-token grid cut into win x win windows in raster order."""
+    # returns the permutation of merged tokens that makes every window contiguous, and the window lengths
     index, seqlens, offset = [], [], 0
     for t, h, w in grid_thw.tolist():
         lh, lw = h // merge, w // merge
@@ -318,8 +318,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([ang, ang], -1)
 
     def forward(self, pixel_values, grid_thw):
-        """pixel_values (N, 1176) patch rows, grid_thw (n_images, 3) in patches -> (N / 4, vit_out_hidden_size):
-        the LLM tokens."""
+        """pixel_values (N, 1176) patch rows, grid_thw (n_images, 3) in patches -> LLM tokens (N / 4, C_out)."""
         x = self.patch_embed(pixel_values)
         ang = self.rotary(grid_thw, x.device)
         frames = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0]).tolist()
@@ -422,8 +421,8 @@ class InternVisionModel(nn.Module):
         self.set_drop_path(cfg.vit_drop_path)
 
     def set_drop_path(self, rate):
-        """Stochastic depth rising linearly from 0 at the first layer to `rate` at the last, as the official
-        encoder's drop_path_rate schedule (plain floats: the model may be built on meta)."""
+        """Stochastic depth rising linearly from 0 at the first layer to `rate` at the last (official schedule)."""
+        # plain floats: the model may be built on meta
         n = len(self.encoder.layers)
         for i, layer in enumerate(self.encoder.layers):
             layer.drop = rate * i / max(n - 1, 1)
@@ -436,9 +435,8 @@ class InternVisionModel(nn.Module):
 
 
 def pixel_shuffle(x, version="v2"):
-    """(N, h, w, C) -> (N, h/2, w/2, 4C): each output token concatenates its 2x2 patches in the order top-left,
-    top-right, bottom-left, bottom-right (the official view/permute sequence, written as space-to-depth).
-    v1 leaves the token grid transposed."""
+    """(N, h, w, C) -> (N, h/2, w/2, 4C): 2x2 space-to-depth, patches top-left, top-right, bottom-left, bottom-right."""
+    # the official view/permute sequence, written as space-to-depth; v1 leaves the token grid transposed
     N, h, w, C = x.shape
     x = x.reshape(N, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 2, 4, 5).reshape(N, h // 2, w // 2, 4 * C)
     return x if version == "v2" else x.transpose(1, 2)
@@ -516,17 +514,16 @@ class Qwen2DecoderLayer(Block):
 
 
 class Decoder(nn.Module):
-    """The layer loop both decoders share. A subclass builds, under its official names, the token embedding
-    (exposed as `embedding`), `layers` and the final `norm`."""
+    """The layer loop both decoders share; a subclass builds `embedding`, `layers` and `norm` (official names)."""
 
     @property
     def embedding(self):
         raise NotImplementedError
 
     def forward(self, x, cos, sin, mask, causal, cache=None, keep=None):
-        """x (B, T, C) -> normed hidden states (B, T, C). keep: None, or per layer None (all tokens) or a (B, T)
-        bool mask: that layer runs on the kept tokens only (original positions), the others pass through it
-        unchanged (ShowUI's UI-guided selection, token_select.py; no cache)."""
+        """x (B, T, C) -> normed hidden states (B, T, C)."""
+        # keep: None, or per layer None (all tokens) or a (B, T) bool mask: that layer runs on the kept tokens only
+        # (original positions), the others pass through it unchanged (ShowUI's selection, token_select.py; no cache)
         for i, layer in enumerate(self.layers):
             if keep is None or keep[i] is None:
                 x = layer(x, cos, sin, mask, causal, cache, i)
@@ -601,9 +598,9 @@ class InternLM2Model(Decoder):
 
 
 def decoder_mask(key_valid, T, S, window=0, device=None, doc=None):
-    """One mask per forward for causal attention of T new queries over S keys (S - T cached), optionally limited
-    to the last `window` keys. key_valid (B, S) bool or None (no padding). doc (B, S) document ids of packed rows
-    or None: a token attends within its own document only. Returns (mask or None, causal flag)."""
+    """One mask per forward for causal attention of T new queries over S keys (S - T cached): (mask or None, causal)."""
+    # window: only the last `window` keys; key_valid (B, S) bool or None (no padding); doc (B, S) document ids of
+    # packed rows or None: a token attends within its own document only
     window = window if window and S > window else 0
     if key_valid is None and not window and T == S and doc is None:
         return None, True  # the fused kernels' own causal path
@@ -622,10 +619,10 @@ def decoder_mask(key_valid, T, S, window=0, device=None, doc=None):
 
 
 def rope(position_ids, cfg, dtype, seq_len):
-    """cos, sin (B, 1, T, head_dim). Position ids (B, T) give 1-D RoPE; (3, B, T) give M-RoPE, whose frequency
-    slots [0, s0) follow t, [s0, s0+s1) h and the rest w. Angles in fp32, cast to the activation dtype as
-    transformers' rotary embeddings do. Dynamic NTK (InternLM2) raises the base once the sequence (`seq_len` keys,
-    padding included) outgrows max_position_embeddings; below that it is plain RoPE."""
+    """cos, sin (B, 1, T, head_dim) from position ids (B, T) (1-D RoPE) or (3, B, T) (M-RoPE)."""
+    # M-RoPE frequency slots [0, s0) follow t, [s0, s0+s1) h and the rest w. Angles in fp32, cast to the activation
+    # dtype as transformers' rotary embeddings do. Dynamic NTK (InternLM2) raises the base once the sequence
+    # (`seq_len` keys, padding included) outgrows max_position_embeddings; below that it is plain RoPE.
     theta, D = cfg.rope_theta, cfg.head_dim
     if cfg.rope_dynamic and seq_len > cfg.max_position_embeddings:
         f = cfg.rope_dynamic
@@ -644,9 +641,9 @@ def rope(position_ids, cfg, dtype, seq_len):
 
 
 def chunked_ce(h, weight, labels, chunk=1024):
-    """Sum of cross-entropy(h @ weight.T, labels) over the rows with labels != -100, never holding more than `chunk`
-    rows of fp32 logits (1024 rows x a 152k vocabulary = 0.6 GB): the gradients are computed chunk by chunk in
-    forward (fused linear + CE, as Liger-Kernel's FusedLinearCrossEntropy)."""
+    """Sum of cross-entropy(h @ weight.T, labels) over labels != -100, holding at most `chunk` rows of logits."""
+    # 1024 rows x a 152k vocabulary = 0.6 GB of fp32 logits: the gradients are computed chunk by chunk in forward
+    # (fused linear + CE, as Liger-Kernel's FusedLinearCrossEntropy)
     keep = labels != -100
     return _ChunkedCE.apply(h[keep], weight, labels[keep], chunk)
 
@@ -694,36 +691,32 @@ class VLM(nn.Module):
         self.folder = None  # load.load_model: the checkpoint folder it was loaded from
         self.new_tensors = []  # train.build_model: tensor names the base lacks, saved with every checkpoint
 
+    # token embeddings (B, T, C) with the image features spliced over the image-context tokens
     def embed(self, input_ids, attention_mask=None, labels=None, **vision):
-        """Token embeddings (B, T, C) with the image features spliced over the image-context tokens."""
         raise NotImplementedError
 
+    # prefill position ids, (B, T) for 1-D RoPE or (3, B, T) for M-RoPE, and each sample's next position (B,)
     def positions(self, input_ids, attention_mask=None, **vision):
-        """Prefill position ids, (B, T) for 1-D RoPE or (3, B, T) for M-RoPE, and each sample's next position (B,)."""
         raise NotImplementedError
 
+    # per decoder layer None (all tokens) or the (B, T) bool tokens it runs on; None: every layer, every token
     def token_keep(self, input_ids, cache=None, **vision):
-        """Per decoder layer None (all tokens) or the (B, T) bool tokens it runs on; None: every layer, every token."""
         return None
 
     @property
-    def decoder(self):
-        """The Decoder: (B, T, C) embeddings -> (B, T, C) normed hidden states."""
+    def decoder(self):  # the Decoder: (B, T, C) embeddings -> (B, T, C) normed hidden states
         raise NotImplementedError
 
     @property
-    def head(self):
-        """The output nn.Linear: (B, T, C) -> (B, T, vocab) logits."""
+    def head(self):  # the output nn.Linear: (B, T, C) -> (B, T, vocab) logits
         raise NotImplementedError
 
     @property
-    def vision(self):
-        """The vision tower, one FSDP unit: pixels -> per-patch (or per-tile) features."""
+    def vision(self):  # the vision tower, one FSDP unit: pixels -> per-patch (or per-tile) features
         raise NotImplementedError
 
     @property
-    def lora_scopes(self):
-        """LoRA's default places: {"llm" | "vit": (module-name prefix, name suffixes of the nn.Linear to wrap)}."""
+    def lora_scopes(self):  # LoRA's default places: {"llm" | "vit": (module prefix, suffixes of the nn.Linear to wrap)}
         raise NotImplementedError
 
     def tie_weights(self):
@@ -732,10 +725,10 @@ class VLM(nn.Module):
             self.head.weight = self.decoder.embedding.weight
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, doc=None, **vision):
-        """The walk every forward takes: embeddings (spliced) -> positions -> RoPE -> one attention mask -> decoder.
-        Returns the normed hidden states (B, T, C). The mask is one of three kinds: None (plain causal or one
-        decode token, the fused kernels' own paths), a boolean (B or 1, 1, T, S) tensor (padding, sliding window,
-        packed documents), or, for packed rows on CUDA, a FlexAttention BlockMask."""
+        """The walk every forward takes: embed (spliced), positions, RoPE, one mask, decoder -> normed (B, T, C)."""
+        # the mask is one of three kinds: None (plain causal or one decode token, the fused kernels' own paths), a
+        # boolean (B or 1, 1, T, S) tensor (padding, sliding window, packed documents), or, for packed rows on CUDA,
+        # a FlexAttention BlockMask
         if cache is not None and cache.length:  # a decode step: a generated image token is an ordinary token
             x = self.decoder.embedding(input_ids)
         else:
@@ -793,9 +786,9 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def resize_vocab(self, n):
-        """Grows the embedding and the head to n rows for added tokens. New rows are the mean of the old ones: the
-        official init of new output rows (new input rows never matter for MP-GUI's EXTRA token, whose positions
-        are always overwritten)."""
+        """Grows the embedding and the head to n rows for added tokens, new rows the mean of the old ones."""
+        # the official init of new output rows (new input rows never matter for MP-GUI's EXTRA token, whose
+        # positions are always overwritten)
         emb = self.decoder.embedding
         for mod in {id(m): m for m in (emb, self.head)}.values():
             w = mod.weight
