@@ -120,8 +120,8 @@ POSITIVE = ("lr", "global_batch", "micro_batch", "max_length", "max_tiles", "num
 
 
 def check_value(where, k, v):
-    """A value of field k must have its default's type (a float field takes an int, no field but a bool field takes a
-    bool), be one of CHOICES, and lie in its range; `where` names the file or the override in the error."""
+    """Checks field k's value: its default's type, one of CHOICES, in its range; `where` names it in the error."""
+    # a float field takes an int; no field but a bool field takes a bool
     default = getattr(TrainConfig(), k)
     expected = (float, int) if isinstance(default, float) else type(default)
     if not isinstance(v, expected) or isinstance(v, bool) != isinstance(default, bool):
@@ -135,8 +135,7 @@ def check_value(where, k, v):
 
 
 def load_config(path, overrides=()):
-    """A JSON file filled into TrainConfig, then --key=value overrides. Unknown keys, wrong types, values outside
-    their choices or ranges are errors naming the file (or override), the key and what is allowed."""
+    """A JSON file filled into TrainConfig, then --key=value overrides; bad keys and values are errors naming them."""
     with open(path) as f:
         raw = json.load(f)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -207,7 +206,7 @@ def build_model(cfg, tok, device):
 def build_dataset(cfg, tok, model_cfg):
     """The training set of cfg.data_format, for the model family of model_cfg (the model config)."""
     internvl = model_cfg.is_internvl
-    if cfg.data_format not in ("internvl", "vlaser", "showui_grounding", "showui_navigation", "llamafactory"):
+    if cfg.data_format not in CHOICES["data_format"]:
         raise ValueError(f"unknown data_format {cfg.data_format!r}")
     if internvl != (cfg.data_format in ("internvl", "vlaser")):
         raise ValueError(f"data_format {cfg.data_format!r} does not fit a {model_cfg.arch} model: InternVL / "
@@ -237,11 +236,11 @@ def build_dataset(cfg, tok, model_cfg):
 
 
 def vision_inputs(b, m, distributed, device):
-    """(b, model m's vision kwargs on device). Under FSDP every rank runs every FSDP unit in every micro-batch (their
-    all-gathers and reduce-scatters are collectives all ranks join), so a micro-batch without images still feeds the
-    vision tower. InternVL / MP-GUI: zero tiles, a (0, 3, S, S) tensor (in one process too: one path). Qwen, under
-    FSDP only: a blank image, its tokens in extra padding columns of b (image tokens in the first row, padding in the
-    others), masked out of attention and loss."""
+    """(b, model m's vision kwargs on device); a micro-batch without images still feeds the vision tower."""
+    # Under FSDP every rank runs every unit in every micro-batch (their all-gathers and reduce-scatters are
+    # collectives all ranks join). InternVL / MP-GUI: zero tiles, a (0, 3, S, S) tensor (in one process too: one
+    # path). Qwen, under FSDP only: a blank image, its tokens in extra padding columns of b (image tokens in the first
+    # row, padding in the others), masked out of attention and loss.
     if m.cfg.is_internvl:
         px = b["pixel_values"]
         px = px if px is not None else torch.zeros(0, 3, m.cfg.vit_image_size, m.cfg.vit_image_size)
@@ -271,8 +270,9 @@ def shard(m, cfg, device):
 
 
 def flops_per_token(m, cfg):
-    """Training FLOPs per token: 6N for trained weights (forward, input and weight gradients), 4N for frozen ones
-    (no weight gradient), + 2N for activation recompute, + attention 12 * layers * hidden * seq (PaLM)."""
+    """Training FLOPs per token (PaLM's count, attention 12 * layers * hidden * seq included)."""
+    # 6N for trained weights (forward, input and weight gradients), 4N for frozen ones (no weight gradient),
+    # + 2N for activation recompute
     trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad) - m.cfg.vocab_size * m.cfg.hidden_size
     recompute = 2 * (trained + frozen) if cfg.activation_checkpointing else 0
@@ -294,8 +294,8 @@ def peak_flops(device):
 
 
 def init_distributed(cfg):
-    """(rank, world, device) of this process: under torchrun (RANK set) one of a process group, on its LOCAL_RANK's
-    GPU. Seeds the model's initial draws and checks that global_batch splits into micro-batches over the world."""
+    """(rank, world, device) of this process: under torchrun (RANK set) one of a group, on its LOCAL_RANK's GPU."""
+    # also seeds the model's initial draws and checks that global_batch splits into micro-batches over the world
     distributed = "RANK" in os.environ
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -334,8 +334,8 @@ RESUMABLE = ("out", "max_steps", "save_every", "keep_last", "log_every", "num_wo
 
 
 def check_rerun(cfg):
-    """A run folder that holds a run already is resumed only under the same config (RESUMABLE aside): otherwise
-    the run would go on with its old schedule and state while config.json claimed the new values."""
+    """A run folder that holds a run already is resumed only under the same config (RESUMABLE aside)."""
+    # otherwise the run would go on with its old schedule and state while config.json claimed the new values
     old = load.read_json(cfg.out, "config.json")
     new = dataclasses.asdict(cfg)
     diff = [f"{k}: {old[k]!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
@@ -346,8 +346,7 @@ def check_rerun(cfg):
 
 
 def write_run(cfg, tok, folder):
-    """The run folder with the resolved config (also printed) and the tokenizer as trained (with any added token),
-    each file written whole or not at all."""
+    """The run folder with the resolved config (also printed) and the tokenizer as trained, each written atomically."""
     os.makedirs(cfg.out, exist_ok=True)
     checkpoints.write_atomic(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     # the base folder the adapters belong to: merge.py refuses to fold them into any other
@@ -358,8 +357,8 @@ def write_run(cfg, tok, folder):
 
 
 def print_skipped(skipped, notes=()):
-    """One line per skipped sample (file, line, reason); line: a jsonl line (from 1) or a JSON record (from 0). A lone
-    surrogate or a byte the console cannot show is printed as a backslash escape, never a crash."""
+    """One line per skipped sample (file, line, reason), then the notes; unprintable characters backslash-escaped."""
+    # line: a jsonl line (from 1) or a JSON record (from 0)
     enc = sys.stdout.encoding or "utf-8"
     for text in [f"skip {file}:{line}: {reason}" for file, line, reason in skipped] + list(notes):
         print(text.encode(enc, "backslashreplace").decode(enc))
@@ -405,9 +404,9 @@ def resume_point(cfg):
 
 
 def resume_run(cfg, ckpt, m, opt, sched, rank):
-    """(step, data position) of checkpoint ckpt (None: a new run, step 0). The run's later checkpoints belong to a
-    continuation given up (an earlier --resume): they move to checkpoints/abandoned/N/, never deleted. metrics.jsonl
-    is cut to the steps up to the resumed one: the steps after it are run (and logged) again."""
+    """(step, data position) of checkpoint ckpt (None: a new run, step 0); later checkpoints and metrics set aside."""
+    # The run's later checkpoints belong to a continuation given up (an earlier --resume): they move to
+    # checkpoints/abandoned/N/, never deleted. metrics.jsonl is cut to the steps up to the resumed one.
     step, position = checkpoints.load(ckpt, m, opt, sched, rank) if ckpt else (0, 0)
     if rank == 0:
         root = os.path.join(cfg.out, "checkpoints")
@@ -435,16 +434,16 @@ def step_order(n, cfg, lengths, epoch):
 
 
 def rank_slice(order, start, micro_index, world, rank, mb):
-    """This rank's micro_index-th micro-batch of the global batch at order[start:]. Of its world x accum micro-batches
-    of mb, rank r's a-th is number a * world + r: each accumulation step, the ranks together read world x mb on."""
+    """This rank's micro_index-th micro-batch of the global batch at order[start:]."""
+    # of its world x accum micro-batches of mb, rank r's a-th is number a * world + r
     k = micro_index * world + rank
     return order[start + k * mb:start + (k + 1) * mb]
 
 
 class Seeded(torch.utils.data.Dataset):
-    """ds read at (epoch, index) keys with Python's `random` (the readers' crop and turn draws; none draws from NumPy's
-    or torch's) seeded from (seed, epoch, index) alone, then restored: a sample's draws are the same whichever worker
-    reads it, at any world size, resumed or not (saved worker states would tie them to num_workers and worker order)."""
+    """ds read at (epoch, index) keys with Python's `random` seeded from (seed, epoch, index) alone, then restored."""
+    # the readers' crop and turn draws use only `random`: a sample's draws are the same whichever worker reads it,
+    # at any world size, resumed or not (saved worker states would tie them to num_workers and worker order)
 
     def __init__(self, ds, seed):
         self.ds, self.seed = ds, seed
@@ -459,9 +458,8 @@ class Seeded(torch.utils.data.Dataset):
 
 
 def loader(ds, cfg, world, rank, pad, position):
-    """Yields (global sample position after the step, this rank's `accum` collated micro-batches), step after step,
-    from `position` on. Each global batch is a slice of the epoch's order, dealt out by rank_slice; an epoch's ragged
-    tail is dropped so every step sees a full batch. Workers prepare batches ahead."""
+    """Yields (global sample position after the step, this rank's `accum` collated micro-batches) from `position` on."""
+    # each global batch is a slice of the epoch's order, dealt out by rank_slice; an epoch's ragged tail is dropped
     n, mb, gb = len(ds), cfg.micro_batch, cfg.global_batch
     accum = gb // (mb * world)  # micro-batches per rank and optimizer step
     while True:
@@ -496,8 +494,7 @@ def summed_loss(m, kw, chunked):
 
 
 def global_loss(loss_sum, n_tok, distributed, step, run):
-    """The step's loss, the mean over all ranks' targets; a non-finite one stops the run, naming the last good
-    checkpoint."""
+    """The step's loss, the mean over all ranks' targets; a non-finite one stops the run, naming the last checkpoint."""
     if distributed:
         dist.all_reduce(loss_sum)
     loss = (loss_sum / n_tok.clamp(min=1)).item()
@@ -508,16 +505,15 @@ def global_loss(loss_sum, n_tok, distributed, step, run):
 
 
 def blank_batch(pad):
-    """Run under FSDP for a micro-batch whose samples were all skipped (a rank that skipped the model would leave the
-    others waiting in its units' collectives): two padding tokens, one a target, for a loss the caller zeroes."""
+    """Run under FSDP for an all-skipped micro-batch: two padding tokens, one a target, for a loss the caller zeroes."""
+    # a rank that skipped the model would leave the others waiting in its units' collectives
     ids = torch.full((1, 2), pad)
     return dict(input_ids=ids, labels=torch.tensor([[-100, pad]]), attention_mask=torch.ones_like(ids),
                 pixel_values=None, image_grid_thw=None)
 
 
 def step_record(step, loss, lr, norm, micro, t0, t_data, world, fpt, peak, skipped):
-    """A step's metrics.jsonl record; t0: when the step began. Tokens (padding excluded) count all ranks'; skipped:
-    all ranks' skipped samples since the last step."""
+    """A step's metrics.jsonl record; t0: when the step began. Tokens (no padding) and skipped: all ranks'."""
     dt = time.time() - t0
     tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["input_ids"] is not None) * world
     return dict(step=step, loss=loss, lr=lr, grad_norm=float(norm), tokens=tokens, data_wait_s=t_data,
