@@ -17,7 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_BUDGET = 4000
 BUDGET = {"model.py": 895, "formats.py": 565, "train.py": 550, "load.py": 380, "scorers.py": 265, "data.py": 300,
           "eval.py": 255, "benchmarks.py": 310, "navigation.py": 260}
-          "eval.py": 255, "benchmarks.py": 280, "navigation.py": 260}
 MAX_COLS = 120
 RUNTIME_LIBS = {"torch", "safetensors", "tokenizers", "PIL", "numpy", "tqdm", "huggingface_hub"}
 # model.py is tensors only: torch, stdlib that does no I/O, and the leaf modules it wires in. Everything that reads a
