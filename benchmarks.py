@@ -320,8 +320,7 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     points = a.bench == "vlaser_points"
     fam = family(a, m.cfg, "vlaser" if points else None)
     prompt, system, parse, _ = FAMILIES[fam]
-    # Vlaser's question is ' You are InternVL...' and model.chat puts '<image>\n' before it; its scripts decode up to
-    # 100 new tokens (pass --max-new-tokens 100 for long point lists)
+    # Vlaser's question is ' You are InternVL...' and model.chat puts '<image>\n' before it
     prompt, tiles = (" " + prompt, VLASER_TILES) if points else (prompt, None)
     score = point_scores if points else scorers.screenspot_scores
     hits = point_hits if points else lambda t, s: dict(point=parse(t), hit=scorers.point_in_box(parse(t), s["box"]))

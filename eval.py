@@ -198,7 +198,8 @@ def main(argv=None):
     p.add_argument("--min-pixels", type=int, default=256 * 28 * 28, help="Qwen pixel budget (ShowUI/TongUI: 256)")
     p.add_argument("--max-pixels", type=int, default=1344 * 28 * 28, help="Qwen pixel budget (ShowUI/TongUI: 1344)")
     p.add_argument("--max-tiles", type=int, default=12, help="InternVL: max 448-px tiles per image (+ thumbnail)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, help="default: the source's, 128 for screenspot and navigation "
+                   "(ShowUI's), 100 for vlaser_points (Vlaser's), else 32")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU; README: speed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -210,6 +211,8 @@ def main(argv=None):
     benchmarks.add_args(p)
     navigation.add_args(p)
     a = p.parse_args(argv)
+    if a.max_new_tokens is None:
+        a.max_new_tokens = 100 if a.bench == "vlaser_points" else 128 if a.bench and a.bench != "mpgui" else 32
     bench_module = navigation if a.bench in navigation.BENCHES else benchmarks
     try:  # a wrong --task, a broken dataset or image fail here, not after the model is loaded and a dataset decoded
         task_table(a.task)

@@ -283,7 +283,7 @@ def run(m, tok, a, bench, answer_batch, length_batches):
                    template="chatml, " + ("no system turn" if a.system == "none" else f"system {a.system!r}"),
                    images=f"max {a.max_tiles} tiles + thumbnail" if m.cfg.is_internvl
                    else f"{a.min_pixels}..{a.max_pixels} pixels", padding="left", parse=score.__doc__,
-                   decoding=f"greedy, max_new_tokens {a.max_new_tokens} (ShowUI: 128), stop at <|im_end|>",
+                   decoding=f"greedy, max_new_tokens {a.max_new_tokens}, stop at <|im_end|>",
                    scoring=__doc__.split("Scoring: ")[1].split(" An unparsable")[0], n=len(rows), scores=sc,
                    skipped=len(skipped), skipped_samples=skipped)
     benchmarks.write_outputs(a.out, rows, summary, table(a.bench, sc))

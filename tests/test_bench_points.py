@@ -147,6 +147,7 @@ def test_vlaser_points_end_to_end(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(out / "predictions.jsonl")]
     assert [r["inside"] for r in rows] == [1, 0, 1, 1] and [r["counted"] for r in rows] == [4, 1, 2, 1]
     assert B.point_scores(rows) == json.loads((out / "summary.json").read_text())["scores"]
+    assert "max_new_tokens 100," in s["decoding"]  # Vlaser's scripts' budget, the default here
     md = (out / "results.md").read_text()
     assert "| pixmo | 2 | 2 / 3 | 66.7 |" in md and "| paco | 2 | 1 / 5 | 20.0 |" in md and "| all | 4 | 3 / 8 | 37.5 |" in md
     a = elsewhere(args, tmp_path / "fn")

@@ -141,6 +141,7 @@ def test_aitw_cli_end_to_end(tmp_path, monkeypatch):
     assert [r["hit"] for r in rows] == [v[2] for v in AITW.values()]
     assert rows[0]["point"] == [0.55, 0.5] and rows[-1]["parsed"] is None and rows[0]["box"] is None
     assert N.scores("aitw", rows) == json.loads((tmp_path / "out" / "summary.json").read_text())["scores"]
+    assert "max_new_tokens 128," in json.loads((tmp_path / "out" / "summary.json").read_text())["decoding"]  # ShowUI's
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| ours | 66.7 | 66.7 | - | - | - | 66.7 |" in md and "| MP-GUI (published) | 63.7 | 74.3" in md
     vt = []
