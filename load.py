@@ -1,6 +1,7 @@
 """Everything that reads a checkpoint folder: config.json (both transformers layouts, InternVL's nested one),
 generation_config.json, tokenizer files (tokenizer.json, or SentencePiece tokenizer.model converted without
-sentencepiece), hub ids, and the safetensors weights under their official key names, every key checked.
+sentencepiece), hub ids, and the safetensors weights under their official key names, every key checked, each
+parameter read as the rows it holds (under FSDP2 a rank reads only its shards' rows).
 
     m = load_model("OpenGVLab/InternVL2-8B", dtype=torch.bfloat16, mpgui=True, mpgui_mode="textual")
     tok = load_tokenizer(folder)
@@ -244,55 +245,84 @@ def qwen_key(k):
     return k
 
 
-def load_weights(model, folder, rename=lambda k: k, dtype=None, device="cpu", optional=()):
-    """Fills every parameter of `model` from the folder's safetensors; missing, unexpected or mis-shaped keys stop
-    the load with their names. Submodules in `optional` may be absent: allocated, their names returned."""
-    # a tied head takes the embedding; a stored head that differs from it is an error
+def index_weights(model, folder, rename=lambda k: k, optional=()):
+    """({parameter name: (file, key)}, absent parts) from the headers alone; bad keys stop the load, named."""
+    # missing, unexpected or mis-shaped keys are named before any weight is read; submodules in `optional` may be
+    # absent. A tied head is the embedding: the files may omit it (load_weights checks a stored one)
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied, head = model.cfg.tie_word_embeddings, "lm_head.weight"
-    seen, unexpected, wrong, state = set(), [], [], {}
+    sources, unexpected, wrong = {}, [], []
     for path in safetensors_files(folder):
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
-                name = rename(key)
+                name, shape = rename(key), tuple(f.get_slice(key).get_shape())
                 if name not in params:
                     unexpected.append(key)
-                    continue
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(params[name].shape):
-                    wrong.append(f"{key}: file {tuple(t.shape)}, model {tuple(params[name].shape)}")
-                    continue
-                seen.add(name)
-                state[name] = t
-    expected = set(params) - ({head} if tied else set())
-    absent = [p for p in optional if not any(n.startswith(p + ".") for n in seen)]
+                elif shape != tuple(params[name].shape):
+                    wrong.append(f"{key}: file {shape}, model {tuple(params[name].shape)}")
+                else:
+                    sources[name] = (path, key)
+    expected = set(params) - ({"lm_head.weight"} if model.cfg.tie_word_embeddings else set())
+    absent = [p for p in optional if not any(n.startswith(p + ".") for n in sources)]
     expected -= {n for n in expected if any(n.startswith(p + ".") for p in absent)}
-    missing = sorted(expected - seen)
-    problems = []
-    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if keys:
-            problems.append(f"{what} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+    missing = sorted(expected - set(sources))
+    problems = [f"{what} ({len(keys)}): " + ", ".join(keys[:8]) + " ..." * (len(keys) > 8) for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
     if problems:
         raise ValueError(f"{folder}: checkpoint does not match the model: " + "; ".join(problems))
-    if tied and head in state:
-        emb = [n for n in state if n.endswith("embed_tokens.weight")][0]
-        if not torch.equal(state.pop(head), state[emb]):
-            raise ValueError(f"{folder}: tie_word_embeddings is true but {head} differs from {emb}; a merged head "
-                             "would be silently replaced by the embedding. Set tie_word_embeddings false.")
-    for name, t in state.items():
-        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    return sources, absent
+
+
+def read_rows(path, key, a, b, dtype=None):
+    """Rows a:b of tensor `key` of a safetensors file, in dtype (None: the file's)."""
+    # rows past the file's (a grown vocabulary) are the mean of its rows, summed in fixed chunks: the same figures
+    # whichever rank holds them, in any world size
+    with safe_open(path, framework="pt", device="cpu") as f:
+        s = f.get_slice(key)
+        n = s.get_shape()[0]
+        t = s[min(a, n):min(b, n)].to(dtype)
+        if b > n:
+            mean = sum(s[i:i + 4096].double().sum(0) for i in range(0, n, 4096)) / n
+            t = torch.cat([t, mean.to(t.dtype).expand(b - max(a, n), *t.shape[1:])])
+    return t
+
+
+def load_weights(model, dtype=None, device="cpu"):
+    """Fills the parameters of `model` still on the meta device from model.sources, in dtype (or {name: dtype})."""
+    # dtype None keeps the file's. The other parameters (new parts, adapters) are kept. One FSDP2 sharded (a DTensor,
+    # dim 0 in chunks) gets only its local shard's rows, read as such from the file: each rank reads and holds its
+    # share of the weights
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset as local_rows
+    params, head, todo = dict(model.named_parameters(remove_duplicate=False)), "lm_head.weight", dict(model.sources)
+
+    def rows(p):  # (first, end) of the rows this process holds
+        shape, at = local_rows(p.shape, p.device_mesh, p.placements) if isinstance(p, DTensor) else (p.shape, [0])
+        return at[0], at[0] + shape[0]
+    if model.cfg.tie_word_embeddings and todo.pop(head, None):  # a stored tied head must equal the embedding
+        emb = next(n for n in todo if n.endswith("embed_tokens.weight"))
+        if not torch.equal(*(read_rows(*model.sources[n], *rows(params[n])) for n in (head, emb))):
+            raise ValueError(f"{model.folder}: tie_word_embeddings is true but {head} differs from {emb}; a merged "
+                             "head would be silently replaced by the embedding. Set tie_word_embeddings false.")
+    state = {}
+    for name, (path, key) in todo.items():
+        p = params[name]
+        if p.is_meta:
+            t = read_rows(path, key, *rows(p), dtype.get(name) if isinstance(dtype, dict) else dtype).to(device)
+            state[name] = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
+                if isinstance(p, DTensor) else t
     model.load_state_dict(state, strict=False, assign=True)
-    for name in absent:
-        model.get_submodule(name).to_empty(device=device).to(dtype or next(iter(state.values())).dtype)
-    model.tie_weights()  # meta-built ties are lost by assign=True
-    return absent
+    model.tie_weights()  # assign=True replaces the Parameter a tie shares
+    if unfilled := [n for n, p in model.named_parameters() if p.is_meta]:
+        raise ValueError(f"parameters neither in the files nor created: {unfilled[:8]}")
 
 
 def load_model(path, dtype=None, device="cpu", mpgui=False, **settings):
     """Builds the model a checkpoint folder (or hub id) describes and loads its weights; dtype None keeps the
     file's dtype. mpgui=True: MP-GUI on an InternVL checkpoint, the parts it lacks from their first-stage init.
     `settings` (names in SETTINGS) are set on the config before the model is built."""
-    # InternVL's special-token ids among them: None (or not given) reads them from the tokenizer files
+    # device "meta": nothing read yet (model.sources says where each weight is; load_weights reads them), the parts
+    # the files lack already created in full on the CPU (fp32): train.build_model shards the model before the reads.
+    # InternVL's special-token ids among the settings: None (or not given) reads them from the tokenizer files
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise TypeError(f"load_model: unknown settings {unknown}; allowed: {', '.join(SETTINGS)}")
@@ -312,12 +342,16 @@ def load_model(path, dtype=None, device="cpu", mpgui=False, **settings):
     cfg = dataclasses.replace(cfg, **{k: v for k, v in settings.items() if v is not None})
     with torch.device("meta"):
         model = {"internvl": InternVL, "mpgui": MPGUI}.get(cfg.arch, Qwen2VL)(cfg)
-    new_parts = load_weights(model, folder, (lambda k: k) if cfg.is_internvl else qwen_key, dtype, device,
-                             optional=MPGUI.PARTS if cfg.is_mpgui else ())
+    model.sources, new_parts = index_weights(model, folder, (lambda k: k) if cfg.is_internvl else qwen_key,
+                                             optional=MPGUI.PARTS if cfg.is_mpgui else ())
     for name in new_parts:  # e.g. stage 1 starts MP-GUI from InternVL2-8B, which has none of its parts
+        model.get_submodule(name).to_empty(device="cpu")  # in full, before any sharding: every rank draws alike
         model.init_part(name)
-    model.initialised = list(new_parts)
-    model.folder = folder
+    model.initialised, model.folder = list(new_parts), folder
+    if device != "meta":
+        load_weights(model, dtype, device)
+        for name in new_parts:
+            model.get_submodule(name).to(device, dtype or model.decoder.embedding.weight.dtype)
     return model.eval()
 
 

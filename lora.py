@@ -27,9 +27,11 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # the same Parameters: names and storage unchanged
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        # fp32 masters whatever the base's storage; in full on the CPU while the base is on the meta device (as
+        # train.build_model builds it), so every rank draws the same A
+        device = "cpu" if base.weight.is_meta else base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scale, self.dropout, self.merged = alpha / r, dropout, False
 
@@ -59,8 +61,7 @@ def inject(model, scope, targets, r, alpha, dropout=0.0):
         raise ValueError(f"LoRA: no nn.Linear under {scope!r} matches {targets}")
     for n in names:
         parent, _, child = n.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout))
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(n), r, alpha, dropout))
 
 
 def lora_layers(model):

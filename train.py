@@ -61,6 +61,7 @@ class TrainConfig:
     max_length: int = 4096  # longer samples are skipped and counted, never truncated
     drop_path: float = 0.1  # ViT stochastic depth (the official runs keep 0.1 on the frozen ViT)
     bf16: bool = True  # bf16 compute (fp32 master weights, fp32 gradient reduction)
+    base_dtype: str = "auto"  # frozen weights' storage: auto (bfloat16 if bf16, else float32) | bfloat16 | float32
     activation_checkpointing: bool = True
     pack: bool = False  # each micro-batch as one row, attention within each sample (no padding compute)
     chunked_loss: bool = True  # fused head + cross-entropy in row chunks: no (tokens, vocab) fp32 logits
@@ -113,7 +114,8 @@ class TrainConfig:
 
 CHOICES = dict(data_format=("internvl", "vlaser", "showui_grounding", "showui_navigation", "llamafactory"),
                schedule=("linear", "cosine"), mpgui_mode=("textual", "graphical", "spatial", "fusion"),
-               gate_mask=("prompt_only", "official"), interleaved_history=("tttt", "vtvt"))
+               gate_mask=("prompt_only", "official"), interleaved_history=("tttt", "vtvt"),
+               base_dtype=("auto", "bfloat16", "float32"))
 RATIOS = ("warmup_ratio", "lora_dropout", "drop_path", "lm_skip_ratio")  # in [0, 1]
 POSITIVE = ("lr", "global_batch", "micro_batch", "max_length", "max_tiles", "num_turn", "log_every",
             "dist_timeout_min", "min_pixels", "max_pixels", "epochs", "crop_min", "crop_max")
@@ -161,6 +163,9 @@ def load_config(path, overrides=()):
         setattr(cfg, k, v)
     if cfg.crop_min > cfg.crop_max:
         raise ValueError(f"{path}: crop_min {cfg.crop_min} > crop_max {cfg.crop_max}")
+    if cfg.base_dtype == "bfloat16" and not cfg.bf16:  # bf16 weights in fp32 compute: nothing casts them
+        raise ValueError(f"{path}: base_dtype bfloat16 needs bf16 compute, but bf16 is false (auto follows bf16)")
+    cfg.base_dtype = {"auto": "bfloat16" if cfg.bf16 else "float32"}.get(cfg.base_dtype, cfg.base_dtype)
     return cfg
 
 
@@ -170,27 +175,29 @@ def load_config(path, overrides=()):
 
 def build_model(cfg, tok, device):
     """The base with the run's switches, MP-GUI's EXTRA token and parts, LoRA, and the trainable set."""
+    # Built on the meta device and, under torchrun, sharded (FSDP2) before any weight is read: each rank reads only
+    # its shards' rows. What the files lack (new parts, adapters) is created in full on the CPU first, in the order
+    # one process draws it (init_distributed seeds every rank alike); grown vocabulary rows come from load_weights.
+    # Trained and new tensors are fp32 masters, the frozen rest is stored in base_dtype.
     extra = tok.token_to_id(data.EXTRA_CONTEXT)
     if extra is None and cfg.mpgui:  # InternVL2-8B has every InternVL token but this one
         tok.add_special_tokens([AddedToken(data.EXTRA_CONTEXT, special=True, normalized=False)])
         extra = tok.token_to_id(data.EXTRA_CONTEXT)
     switches = {k: getattr(cfg, k) for k in ("mpgui_mode", "gate_mask", "lm_skip_layer", "lm_skip_ratio",
                                              "lm_skip_rand", "uigraph_threshold")}
-    m = load.load_model(cfg.base, dtype=torch.float32, mpgui=cfg.mpgui, extra_token_id=extra, **switches)  # fp32
+    m = load.load_model(cfg.base, device="meta", mpgui=cfg.mpgui, extra_token_id=extra, **switches)
     base_vocab = m.cfg.vocab_size
     if m.cfg.is_mpgui:
         if extra >= m.cfg.vocab_size:
             m.resize_vocab(extra + 1)
         for name in cfg.init_parts:
+            m.get_submodule(name).to_empty(device="cpu")
             m.init_part(name)
     if m.cfg.is_internvl:
         m.vision_model.set_drop_path(cfg.drop_path)
     m.requires_grad_(False)
     lora.add_adapters(m, cfg.lora_llm_r, cfg.lora_llm_alpha, cfg.lora_vit_r, cfg.lora_vit_alpha, cfg.lora_dropout,
-                      cfg.lora_targets)
-    for _, layer in lora.lora_layers(m):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+                      cfg.lora_targets)  # the adapters are new Parameters: trainable
     for name in cfg.train_parts:
         m.get_submodule(name).requires_grad_(True)
     # what the base checkpoint does not hold: saved with every checkpoint so merge.py can rebuild the run exactly
@@ -200,6 +207,10 @@ def build_model(cfg, tok, device):
     for mod in m.modules():
         if isinstance(mod, model.Block):
             mod.checkpointing = cfg.activation_checkpointing
+    dtypes = {n: torch.float32 if p.requires_grad or n in m.new_tensors else getattr(torch, cfg.base_dtype)
+              for n, p in m.named_parameters()}
+    m = shard(m, cfg, device) if dist.is_initialized() else m
+    load.load_weights(m, dtypes, device)
     return m.to(device)
 
 
@@ -563,8 +574,6 @@ def main(argv):
         return
     if rank == 0:
         write_run(cfg, tok, folder)
-    if distributed:
-        m = shard(m, cfg, device)
     params = [p for p in m.parameters() if p.requires_grad]
     opt, sched = make_optimizer(m, params, cfg, total, device)
     step, position = resume_run(cfg, ckpt, m, opt, sched, rank)

@@ -168,9 +168,8 @@ def build_baseline(S, device, dtype, folder=None):
     if vit and S["lora_vit"]:
         hf.add_adapter("vit", LoraConfig(r=S["lora_vit"], lora_alpha=2 * S["lora_vit"], target_modules=vit))
         hf.base_model.set_adapter(["default", "vit"])
-    for n, p in hf.named_parameters():  # peft keeps adapters in fp32 by default; ours are in the model dtype
+    for n, p in hf.named_parameters():  # peft keeps adapters in fp32 by default, as lora.py does
         if "lora_" in n:
-            p.data = p.data.to(dtype)
             p.requires_grad_(True)
     return hf.train()
 

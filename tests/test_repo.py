@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # its own only where it would otherwise grow past what a reader holds, ~15-20% above its expected size. A module
 # without an entry is held by the total alone.
 TOTAL_BUDGET = 4000
-BUDGET = {"model.py": 895, "formats.py": 565, "train.py": 550, "load.py": 380, "scorers.py": 265, "data.py": 300,
+BUDGET = {"model.py": 895, "formats.py": 565, "train.py": 550, "load.py": 390, "scorers.py": 265, "data.py": 300,
           "eval.py": 255, "benchmarks.py": 310, "navigation.py": 260}
 MAX_COLS = 120
 RUNTIME_LIBS = {"torch", "safetensors", "tokenizers", "PIL", "numpy", "tqdm", "huggingface_hub"}
