@@ -14,8 +14,11 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
 import data
@@ -214,19 +217,113 @@ def torchrun(script, args, timeout=300):
     assert p.returncode == 0, out[-3000:] + err[-3000:]
 
 
+# checkpoints.save gathers only what it keeps; the files must stay those the former save wrote, which gathered the
+# whole model with get_state_dict(full_state_dict=True) and kept the trainable names: that save is the oracle here
+
+
+def old_save(run, m, opt, sched, step, position, rank, keep_last):
+    """The former checkpoints.save's three files, into RUN_old/step_N (no temporary name, nothing removed)."""
+    model_sd, opt_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.new_tensors)
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [checkpoints.rng_state()]
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, checkpoints.rng_state())
+    if rank == 0:
+        folder = os.path.join(run + "_old", f"step_{step:07d}")
+        os.makedirs(folder)
+        kept = {k: v.contiguous() for k, v in model_sd.items() if k in names}
+        save_file(kept, os.path.join(folder, checkpoints.TRAINABLE))
+        moments = {f"{n}::{k}": v.contiguous() for n, s in opt_sd["state"].items() for k, v in s.items()}
+        save_file(moments, os.path.join(folder, "optimizer.safetensors"))
+        with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(dict(step=step, position=position, scheduler=sched.state_dict(),
+                                    param_groups=opt_sd["param_groups"], rng=rngs)))
+
+
+class Gathers(TorchDispatchMode):
+    """The element count of every all-gather run under it: functional ones (DTensor.full_tensor, get_state_dict)
+    and c10d ones of floating-point tensors (all_gather_object's pickles are uint8: not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "gather" in func.name():
+            got = out if func.name().startswith("_c10d_functional") else args[0]  # c10d: the output tensor(s)
+            self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(got)
+                            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return out
+
+
+REAL_SAVE = checkpoints.save  # the module's own, before any test patches it
+
+
+def save_twice(run, m, *rest):
+    """checkpoints.save as train.main calls it, after old_save; each one's all-gathers appended to
+    RUN_gathers_RANK.jsonl."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with Gathers() as old:
+        old_save(run, m, *rest)
+    with Gathers() as new:
+        REAL_SAVE(run, m, *rest)
+    with open(f"{run}_gathers_{rank}.jsonl", "a") as f:
+        f.write(json.dumps(dict(old=old.numels, new=new.numels)) + "\n")
+
+
+SAVE_LAUNCHER = """import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import checkpoints, train, test_train
+checkpoints.save = test_train.save_twice
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.fixture(scope="module")
 def single(meta, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("single") / "run")
-    train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    checkpoints.save = save_twice
+    try:
+        train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    finally:
+        checkpoints.save = REAL_SAVE
     return out
 
 
 @pytest.fixture(scope="module")
 def distributed(meta, tmp_path_factory):
-    """torchrun --nproc_per_node 2 train.py: FSDP2 over gloo, each rank reading its half of every global batch."""
-    out = str(tmp_path_factory.mktemp("dist") / "run")
-    torchrun(os.path.join(ROOT, "train.py"), train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    """torchrun --nproc_per_node 2 train.py: FSDP2 over gloo, each rank reading its half of every global batch; each
+    checkpoint also written by old_save."""
+    root = tmp_path_factory.mktemp("dist")
+    out, script = str(root / "run"), root / "launch.py"
+    script.write_text(SAVE_LAUNCHER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    torchrun(str(script), train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
     return out
+
+
+@pytest.mark.parametrize("run", ["single", "distributed"])
+def test_checkpoint_files_equal_the_former_whole_model_save(run, request):
+    out = request.getfixturevalue(run)
+    for step in (1, 2, 3):
+        assert file_digests(checkpoint(out, step)) == file_digests(os.path.join(out + "_old", f"step_{step:07d}"))
+
+
+def test_checkpoint_gathers_only_the_tensors_it_saves(distributed):
+    """Each rank: one all-gather per saved DTensor (the trainable weights and their Adam moments; `step` is a plain
+    tensor), of its full size as FSDP2 pads it (dim 0 rounded up to a multiple of the 2 ranks); nothing of the
+    frozen base, which the former save gathered whole."""
+    base = load.load_model(fixture("mpgui_tiny"), dtype=torch.float32)
+    for rank in (0, 1):
+        with open(f"{distributed}_gathers_{rank}.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        assert len(records) == 3
+        for step, r in enumerate(records, 1):
+            saved = {**trainable(distributed, step), **moments(distributed, step)}
+            padded = [-(-t.shape[0] // 2) * 2 * t[0].numel() for k, t in saved.items() if not k.endswith("::step")]
+            assert sorted(r["new"]) == sorted(padded)
+            frozen = sum(p.numel() for n, p in base.named_parameters() if n not in saved)
+            assert frozen > 10_000 and sum(r["old"]) >= sum(r["new"]) + frozen  # the former save fails the above
 
 
 def test_distributed_losses_equal_single_process(single, distributed):
