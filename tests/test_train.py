@@ -201,11 +201,11 @@ DIST = ["--global_batch=4", "--micro_batch=2", "--max_steps=3", "--max_tiles=2",
         "--lr=1e-3", "--save_every=1"]
 
 
-def torchrun(script, args, timeout=300):
-    """2 ranks of script over gloo; a run still going after `timeout` s (ranks waiting in collectives that do not
+def torchrun(script, args, timeout=300, nproc=2):
+    """nproc ranks of script over gloo; a run still going after `timeout` s (ranks waiting in collectives that do not
     match) fails, its process group killed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # its own process group, killed whole on a hang
     try:
@@ -355,6 +355,75 @@ def test_distributed_first_step_gradients_equal_single_process(single, distribut
             assert a.abs().max() == 0, k
         else:
             assert rel_err(a, b) <= DIST_TOL, k
+
+
+# HSDP: 4 ranks as 2 replicas x 2 shards (dp_replicate=2) vs plain FSDP over 4 (dp_replicate=0: one node, so 1).
+# Same micro-batches; what differs is how the 4 ranks' fp32 gradients are summed (a reduce-scatter over 4, or over 2
+# then an all-reduce over 2): 4 terms reordered, a few ulp, far inside DIST_TOL. The layout each run had is recorded:
+# the mesh of a decoder weight, and after the first forward which modules still hold gathered (plain) parameters.
+
+LAYOUT_LAUNCHER = """import json, os, sys
+sys.path[:0] = [{root!r}]
+import train
+shard, summed_loss, seen = train.shard, train.summed_loss, {{}}
+def sharded(m, *a):
+    m = shard(m, *a)
+    w = next(m.decoder.layers[0].parameters())
+    seen.update(mesh=list(w.device_mesh.shape), names=w.device_mesh.mesh_dim_names)
+    return m
+def loss(m, *a):
+    out = summed_loss(m, *a)
+    if "gathered" not in seen:  # after forward: a resharded module holds DTensors again, the others plain tensors
+        kind = lambda mod: type(next(mod.parameters())).__name__
+        seen.update(gathered=[kind(l) for l in m.decoder.layers] + [kind(m.vision), kind(m.decoder.embedding)])
+        with open(sys.argv[1] + "_layout_" + os.environ["RANK"] + ".json", "w") as f:
+            json.dump(seen, f)
+    return out
+train.shard, train.summed_loss = sharded, loss
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.fixture(scope="module")
+def four_ranks(meta, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hsdp")
+    script = root / "launch.py"
+    script.write_text(LAYOUT_LAUNCHER.format(root=ROOT))
+    runs = {}
+    for rep in (0, 2):
+        runs[rep] = str(root / f"dp_replicate_{rep}")
+        args = train_args("fusion", fixture("mpgui_tiny"), meta, runs[rep], *DIST, "--micro_batch=1", "--max_steps=2",
+                          f"--dp_replicate={rep}")
+        torchrun(str(script), [runs[rep], *args], nproc=4)
+    return runs
+
+
+def test_hsdp_equals_plain_fsdp(four_ranks):
+    fsdp, hsdp = four_ranks[0], four_ranks[2]
+    layouts = {}
+    for rep, run in four_ranks.items():
+        for rank in range(4):
+            with open(f"{run}_layout_{rank}.json") as f:
+                layouts.setdefault(rep, []).append(json.load(f))
+    assert all(x["mesh"] == [4] and x["names"] is None for x in layouts[0])
+    assert all(x["mesh"] == [2, 2] and x["names"] == ["dp_replicate", "dp_shard"] for x in layouts[2])
+    # every block but the last resharded after forward; the last one and the root (embedding) kept gathered
+    for x in layouts[0] + layouts[2]:
+        assert x["gathered"] == ["DTensor"] * (len(x["gathered"]) - 3) + ["Parameter", "DTensor", "Parameter"], x
+    ref, got = losses(fsdp), losses(hsdp)
+    assert sorted(ref) == sorted(got) == [1, 2]
+    for step in ref:
+        assert abs(got[step] - ref[step]) / abs(ref[step]) <= DIST_TOL
+    a, b = moments(hsdp, 1), moments(fsdp, 1)  # the first step's gradients (see the test above)
+    assert set(a) == set(b)
+    for k in a:
+        if not k.endswith("::step") and b[k].abs().max() > 0:
+            assert rel_err(a[k], b[k]) <= DIST_TOL, k
+
+
+def test_dp_replicate_must_divide_the_world(tmp_path):
+    with pytest.raises(ValueError, match="dp_replicate 3 does not divide the world size 1"):
+        train.main([config_file(tmp_path), "--dp_replicate=3"])
 
 
 # a micro-batch whose samples were all skipped at read time on one rank only: that rank still runs every FSDP unit (a
