@@ -72,6 +72,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept: each new one removes the older ones beyond the last keep_last (0 = all)
     dist_timeout_min: int = 30
     dp_replicate: int = 0  # HSDP: replicas of the FSDP-sharded model (0 = the nodes under torchrun; 1 = plain FSDP)
+    compile: bool = False  # torch.compile each Block (decoder layer, vision block) on its own, as torchtitan does
     # LoRA, and the modules trained in full
     lora_llm_r: int = 0  # LoRA rank on the language model (0 = none)
     lora_llm_alpha: int = 0
@@ -558,6 +559,9 @@ def main(argv):
     tok = load.load_tokenizer(folder)
     check_rerun(cfg)
     m = build_model(cfg, tok, device)
+    if cfg.compile:  # each Block's math compiled on its own, before FSDP2 (torchtitan's order); the activation
+        for b in (b for b in m.modules() if isinstance(b, model.Block)):  # checkpoint and FSDP2's hooks stay eager
+            b.block = torch.compile(b.block)
     seed_all(cfg.seed + rank)  # dropout and drop-path: each rank its own draws
     ds = build_dataset(cfg, tok, m.cfg)
     if rank == 0:

@@ -65,12 +65,13 @@ def max_rel_state(a, b):
     return max(rel_err(a[k], b[k]) for k in a)
 
 
-def write_dataset(folder, n=24):
-    """n coloured PNGs 120..400 x 200 and one InternVL conversation each; returns the meta json's path."""
+def write_dataset(folder, n=24, width=None):
+    """n coloured PNGs 120..400 (or all `width`) x 200 and one InternVL conversation each; returns the meta json's
+    path."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "d.jsonl"), "w") as f:
         for i in range(n):
-            w = 120 + (i * 37) % 281
+            w = width or 120 + (i * 37) % 281
             colour = (i * 40 % 256, i * 90 % 256, i * 150 % 256)
             Image.new("RGB", (w, 200), colour).save(os.path.join(folder, f"{i}.png"))
             f.write(json.dumps({"id": i, "image": f"{i}.png", "width": w, "height": 200, "conversations": [
