@@ -80,9 +80,15 @@ def save(run, m, opt, sched, step, position, rank, keep_last):
     per parameter name, `NAME::KEY`), state.json (step, data position, scheduler, param groups, every rank's RNG),
     synced before the rename and its parent after; then the checkpoints before the last keep_last go
     (0: none)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, opt_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    names = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.new_tensors)
+    # Only the tensors kept are gathered, never the frozen base: a DTensor's full_tensor() is a collective, so every
+    # rank gathers the same tensors in the same order; rank 0 keeps them (the others' go to "meta", freed at once).
+    from torch.distributed.tensor import DTensor
+    full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu" if rank == 0 else "meta")
+    weights = {n: full(p) for n, p in m.named_parameters() if p.requires_grad or n in m.new_tensors}
+    names = {id(p): n for n, p in m.named_parameters()}
+    sd, order = opt.state_dict(), [names[id(p)] for g in opt.param_groups for p in g["params"]]  # index -> name
+    moments = {f"{order[i]}::{k}": full(v) for i in sorted(sd["state"]) for k, v in sd["state"][i].items()}
+    groups = [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng_state()]
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng_state())
@@ -91,11 +97,10 @@ def save(run, m, opt, sched, step, position, rank, keep_last):
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in model_sd.items() if k in names}, os.path.join(tmp, TRAINABLE))
-        moments = {f"{n}::{k}": v.contiguous() for n, s in opt_sd["state"].items() for k, v in s.items()}
-        save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, TRAINABLE))
+        save_file({k: v.contiguous() for k, v in moments.items()}, os.path.join(tmp, "optimizer.safetensors"))
         write_atomic(os.path.join(tmp, "state.json"), json.dumps(dict(
-            step=step, position=position, scheduler=sched.state_dict(), param_groups=opt_sd["param_groups"], rng=rngs)))
+            step=step, position=position, scheduler=sched.state_dict(), param_groups=groups, rng=rngs)))
         sync_folder(tmp)
         os.replace(tmp, final)  # a checkpoint exists whole or not at all
         fsync(os.path.dirname(final))

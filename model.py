@@ -92,7 +92,10 @@ class ModelConfig:
 # attention: the one function every model calls
 
 ATTN_IMPL = "sdpa"  # "sdpa" (fused kernels) or "math" (plain softmax; tests check the fused path against it)
-_FLEX = None  # compiled FlexAttention, built on first use (packed rows on CUDA)
+_FLEX = None  # compiled FlexAttention, built on first use (packed rows on CUDA, or on CPU with FLEX_CPU)
+# packed rows through FlexAttention on CPU too: off, since torch's CPU FlexAttention has no backward (training) and
+# compiles for ~20 s before its first forward; the boolean mask serves there
+FLEX_CPU = False
 
 
 def attention(q, k, v, mask=None, causal=False):
@@ -120,12 +123,9 @@ def attention(q, k, v, mask=None, causal=False):
 
 def doc_block_mask(doc):
     """FlexAttention BlockMask for packed rows: causal within each document of doc (B, T) ids."""
-    # None off CUDA or where torch has no FlexAttention (then the boolean mask of decoder_mask serves)
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask
-    except ImportError:
-        return None
-    if not doc.is_cuda:
+    # None off CUDA unless FLEX_CPU (then decoder_mask's boolean mask serves); torch >= 2.6 has FlexAttention
+    from torch.nn.attention.flex_attention import create_block_mask
+    if not doc.is_cuda and not FLEX_CPU:
         return None
     B, T = doc.shape
     return create_block_mask(lambda b, h, q, k: (doc[b, q] == doc[b, k]) & (q >= k), B, None, T, T, doc.device)

@@ -72,6 +72,8 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
     keep_last: int = 3  # checkpoints kept: each new one removes the older ones beyond the last keep_last (0 = all)
     dist_timeout_min: int = 30
+    dp_replicate: int = 0  # HSDP: replicas of the FSDP-sharded model (0 = the nodes under torchrun; 1 = plain FSDP)
+    compile: bool = False  # torch.compile each Block (decoder layer, vision block) on its own, as torchtitan does
     # LoRA, and the modules trained in full
     lora_llm_r: int = 0  # LoRA rank on the language model (0 = none)
     lora_llm_alpha: int = 0
@@ -207,6 +209,8 @@ def build_model(cfg, tok, device):
     for mod in m.modules():
         if isinstance(mod, model.Block):
             mod.checkpointing = cfg.activation_checkpointing
+            if cfg.compile:  # each Block's math on its own, before FSDP2 (torchtitan's order); the activation
+                mod.block = torch.compile(mod.block)  # checkpoint and FSDP2's hooks stay eager
     dtypes = {n: torch.float32 if p.requires_grad or n in m.new_tensors else getattr(torch, cfg.base_dtype)
               for n, p in m.named_parameters()}
     m = shard(m, cfg, device) if dist.is_initialized() else m
@@ -268,13 +272,18 @@ def vision_inputs(b, m, distributed, device):
 
 
 def shard(m, cfg, device):
-    """FSDP2: each decoder block, the vision tower as one unit, then the root (torchtitan's order)."""
+    """FSDP2: each decoder block, the vision tower as one unit, then the root (torchtitan's order); HSDP if asked."""
+    # dp_replicate > 1: a 2-D mesh, each replica sharded over world / dp_replicate ranks (by default one node's)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    rep = cfg.dp_replicate or world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    mesh = init_device_mesh(device.type, (rep, world // rep), mesh_dim_names=("dp_replicate", "dp_shard")) \
+        if rep > 1 else init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32, reduce_dtype=torch.float32)
-    for layer in m.decoder.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    # the last block (like the root, by FSDP2's default) stays gathered after forward: backward needs it at once
+    for i, layer in enumerate(m.decoder.layers):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(m.decoder.layers) - 1)
     fully_shard(m.vision, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)
     return m
@@ -321,6 +330,8 @@ def init_distributed(cfg):
     if cfg.global_batch % (cfg.micro_batch * world):
         raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "
                          f"({cfg.micro_batch} x {world})")
+    if world % max(cfg.dp_replicate, 1):
+        raise ValueError(f"dp_replicate {cfg.dp_replicate} does not divide the world size {world}")
     return rank, world, device
 
 

@@ -14,8 +14,11 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoints
 import data
@@ -62,12 +65,13 @@ def max_rel_state(a, b):
     return max(rel_err(a[k], b[k]) for k in a)
 
 
-def write_dataset(folder, n=24):
-    """n coloured PNGs 120..400 x 200 and one InternVL conversation each; returns the meta json's path."""
+def write_dataset(folder, n=24, width=None):
+    """n coloured PNGs 120..400 (or all `width`) x 200 and one InternVL conversation each; returns the meta json's
+    path."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "d.jsonl"), "w") as f:
         for i in range(n):
-            w = 120 + (i * 37) % 281
+            w = width or 120 + (i * 37) % 281
             colour = (i * 40 % 256, i * 90 % 256, i * 150 % 256)
             Image.new("RGB", (w, 200), colour).save(os.path.join(folder, f"{i}.png"))
             f.write(json.dumps({"id": i, "image": f"{i}.png", "width": w, "height": 200, "conversations": [
@@ -198,11 +202,11 @@ DIST = ["--global_batch=4", "--micro_batch=2", "--max_steps=3", "--max_tiles=2",
         "--lr=1e-3", "--save_every=1"]
 
 
-def torchrun(script, args, timeout=300):
-    """2 ranks of script over gloo; a run still going after `timeout` s (ranks waiting in collectives that do not
+def torchrun(script, args, timeout=300, nproc=2):
+    """nproc ranks of script over gloo; a run still going after `timeout` s (ranks waiting in collectives that do not
     match) fails, its process group killed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # its own process group, killed whole on a hang
     try:
@@ -214,19 +218,113 @@ def torchrun(script, args, timeout=300):
     assert p.returncode == 0, out[-3000:] + err[-3000:]
 
 
+# checkpoints.save gathers only what it keeps; the files must stay those the former save wrote, which gathered the
+# whole model with get_state_dict(full_state_dict=True) and kept the trainable names: that save is the oracle here
+
+
+def old_save(run, m, opt, sched, step, position, rank, keep_last):
+    """The former checkpoints.save's three files, into RUN_old/step_N (no temporary name, nothing removed)."""
+    model_sd, opt_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {n for n, p in m.named_parameters() if p.requires_grad} | set(m.new_tensors)
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [checkpoints.rng_state()]
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, checkpoints.rng_state())
+    if rank == 0:
+        folder = os.path.join(run + "_old", f"step_{step:07d}")
+        os.makedirs(folder)
+        kept = {k: v.contiguous() for k, v in model_sd.items() if k in names}
+        save_file(kept, os.path.join(folder, checkpoints.TRAINABLE))
+        moments = {f"{n}::{k}": v.contiguous() for n, s in opt_sd["state"].items() for k, v in s.items()}
+        save_file(moments, os.path.join(folder, "optimizer.safetensors"))
+        with open(os.path.join(folder, "state.json"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(dict(step=step, position=position, scheduler=sched.state_dict(),
+                                    param_groups=opt_sd["param_groups"], rng=rngs)))
+
+
+class Gathers(TorchDispatchMode):
+    """The element count of every all-gather run under it: functional ones (DTensor.full_tensor, get_state_dict)
+    and c10d ones of floating-point tensors (all_gather_object's pickles are uint8: not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "gather" in func.name():
+            got = out if func.name().startswith("_c10d_functional") else args[0]  # c10d: the output tensor(s)
+            self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(got)
+                            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return out
+
+
+REAL_SAVE = checkpoints.save  # the module's own, before any test patches it
+
+
+def save_twice(run, m, *rest):
+    """checkpoints.save as train.main calls it, after old_save; each one's all-gathers appended to
+    RUN_gathers_RANK.jsonl."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with Gathers() as old:
+        old_save(run, m, *rest)
+    with Gathers() as new:
+        REAL_SAVE(run, m, *rest)
+    with open(f"{run}_gathers_{rank}.jsonl", "a") as f:
+        f.write(json.dumps(dict(old=old.numels, new=new.numels)) + "\n")
+
+
+SAVE_LAUNCHER = """import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import checkpoints, train, test_train
+checkpoints.save = test_train.save_twice
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.fixture(scope="module")
 def single(meta, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("single") / "run")
-    train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    checkpoints.save = save_twice
+    try:
+        train.main(train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    finally:
+        checkpoints.save = REAL_SAVE
     return out
 
 
 @pytest.fixture(scope="module")
 def distributed(meta, tmp_path_factory):
-    """torchrun --nproc_per_node 2 train.py: FSDP2 over gloo, each rank reading its half of every global batch."""
-    out = str(tmp_path_factory.mktemp("dist") / "run")
-    torchrun(os.path.join(ROOT, "train.py"), train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
+    """torchrun --nproc_per_node 2 train.py: FSDP2 over gloo, each rank reading its half of every global batch; each
+    checkpoint also written by old_save."""
+    root = tmp_path_factory.mktemp("dist")
+    out, script = str(root / "run"), root / "launch.py"
+    script.write_text(SAVE_LAUNCHER.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    torchrun(str(script), train_args("fusion", fixture("mpgui_tiny"), meta, out, *DIST))
     return out
+
+
+@pytest.mark.parametrize("run", ["single", "distributed"])
+def test_checkpoint_files_equal_the_former_whole_model_save(run, request):
+    out = request.getfixturevalue(run)
+    for step in (1, 2, 3):
+        assert file_digests(checkpoint(out, step)) == file_digests(os.path.join(out + "_old", f"step_{step:07d}"))
+
+
+def test_checkpoint_gathers_only_the_tensors_it_saves(distributed):
+    """Each rank: one all-gather per saved DTensor (the trainable weights and their Adam moments; `step` is a plain
+    tensor), of its full size as FSDP2 pads it (dim 0 rounded up to a multiple of the 2 ranks); nothing of the
+    frozen base, which the former save gathered whole."""
+    base = load.load_model(fixture("mpgui_tiny"), dtype=torch.float32)
+    for rank in (0, 1):
+        with open(f"{distributed}_gathers_{rank}.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        assert len(records) == 3
+        for step, r in enumerate(records, 1):
+            saved = {**trainable(distributed, step), **moments(distributed, step)}
+            padded = [-(-t.shape[0] // 2) * 2 * t[0].numel() for k, t in saved.items() if not k.endswith("::step")]
+            assert sorted(r["new"]) == sorted(padded)
+            frozen = sum(p.numel() for n, p in base.named_parameters() if n not in saved)
+            assert frozen > 10_000 and sum(r["old"]) >= sum(r["new"]) + frozen  # the former save fails the above
 
 
 def test_distributed_losses_equal_single_process(single, distributed):
@@ -258,6 +356,75 @@ def test_distributed_first_step_gradients_equal_single_process(single, distribut
             assert a.abs().max() == 0, k
         else:
             assert rel_err(a, b) <= DIST_TOL, k
+
+
+# HSDP: 4 ranks as 2 replicas x 2 shards (dp_replicate=2) vs plain FSDP over 4 (dp_replicate=0: one node, so 1).
+# Same micro-batches; what differs is how the 4 ranks' fp32 gradients are summed (a reduce-scatter over 4, or over 2
+# then an all-reduce over 2): 4 terms reordered, a few ulp, far inside DIST_TOL. The layout each run had is recorded:
+# the mesh of a decoder weight, and after the first forward which modules still hold gathered (plain) parameters.
+
+LAYOUT_LAUNCHER = """import json, os, sys
+sys.path[:0] = [{root!r}]
+import train
+shard, summed_loss, seen = train.shard, train.summed_loss, {{}}
+def sharded(m, *a):
+    m = shard(m, *a)
+    w = next(m.decoder.layers[0].parameters())
+    seen.update(mesh=list(w.device_mesh.shape), names=w.device_mesh.mesh_dim_names)
+    return m
+def loss(m, *a):
+    out = summed_loss(m, *a)
+    if "gathered" not in seen:  # after forward: a resharded module holds DTensors again, the others plain tensors
+        kind = lambda mod: type(next(mod.parameters())).__name__
+        seen.update(gathered=[kind(l) for l in m.decoder.layers] + [kind(m.vision), kind(m.decoder.embedding)])
+        with open(sys.argv[1] + "_layout_" + os.environ["RANK"] + ".json", "w") as f:
+            json.dump(seen, f)
+    return out
+train.shard, train.summed_loss = sharded, loss
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.fixture(scope="module")
+def four_ranks(meta, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hsdp")
+    script = root / "launch.py"
+    script.write_text(LAYOUT_LAUNCHER.format(root=ROOT))
+    runs = {}
+    for rep in (0, 2):
+        runs[rep] = str(root / f"dp_replicate_{rep}")
+        args = train_args("fusion", fixture("mpgui_tiny"), meta, runs[rep], *DIST, "--micro_batch=1", "--max_steps=2",
+                          f"--dp_replicate={rep}")
+        torchrun(str(script), [runs[rep], *args], nproc=4)
+    return runs
+
+
+def test_hsdp_equals_plain_fsdp(four_ranks):
+    fsdp, hsdp = four_ranks[0], four_ranks[2]
+    layouts = {}
+    for rep, run in four_ranks.items():
+        for rank in range(4):
+            with open(f"{run}_layout_{rank}.json") as f:
+                layouts.setdefault(rep, []).append(json.load(f))
+    assert all(x["mesh"] == [4] and x["names"] is None for x in layouts[0])
+    assert all(x["mesh"] == [2, 2] and x["names"] == ["dp_replicate", "dp_shard"] for x in layouts[2])
+    # every block but the last resharded after forward; the last one and the root (embedding) kept gathered
+    for x in layouts[0] + layouts[2]:
+        assert x["gathered"] == ["DTensor"] * (len(x["gathered"]) - 3) + ["Parameter", "DTensor", "Parameter"], x
+    ref, got = losses(fsdp), losses(hsdp)
+    assert sorted(ref) == sorted(got) == [1, 2]
+    for step in ref:
+        assert abs(got[step] - ref[step]) / abs(ref[step]) <= DIST_TOL
+    a, b = moments(hsdp, 1), moments(fsdp, 1)  # the first step's gradients (see the test above)
+    assert set(a) == set(b)
+    for k in a:
+        if not k.endswith("::step") and b[k].abs().max() > 0:
+            assert rel_err(a[k], b[k]) <= DIST_TOL, k
+
+
+def test_dp_replicate_must_divide_the_world(tmp_path):
+    with pytest.raises(ValueError, match="dp_replicate 3 does not divide the world size 1"):
+        train.main([config_file(tmp_path), "--dp_replicate=3"])
 
 
 # a micro-batch whose samples were all skipped at read time on one rank only: that rank still runs every FSDP unit (a
