@@ -95,23 +95,29 @@ def base_folder(cfg):
 
 
 @contextlib.contextmanager
-def weightless():
-    """load.load_model without weights: every parameter an empty tensor (fake under FakeTensorMode), the parts a
-    checkpoint may lack left to their init; and Module.to(cpu) a no-op (fake parameters cannot be swapped)."""
-    saved_load, saved_to = load.load_weights, torch.nn.Module.to
+def weightless(mode):
+    """train.build_model without weight files: load.index_weights lists every parameter as stored (the parts a
+    checkpoint may lack as absent, so they are initialised as in a real run), load.read_rows returns empty rows
+    (fake under FakeTensorMode), and Module.to(cpu) is a no-op (fake parameters cannot be swapped)."""
+    saved = load.index_weights, load.read_rows, torch.nn.Module.to
+    shapes = {}
 
-    def no_weights(model, folder, rename=None, dtype=None, device="cpu", optional=()):
-        model.load_state_dict({n: torch.empty(p.shape, dtype=dtype or p.dtype) for n, p in model.named_parameters()},
-                              strict=False, assign=True)
-        model.tie_weights()
-        return list(optional)
+    def index(model, folder, rename=None, optional=()):
+        params = dict(model.named_parameters(remove_duplicate=False))
+        shapes.update((n, p.shape) for n, p in params.items())
+        tied = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
+        return {n: (None, n) for n in params if n not in tied and n.split(".")[0] not in optional}, list(optional)
 
-    load.load_weights = no_weights
-    torch.nn.Module.to = lambda self, *a, **k: self if a and str(a[0]) == "cpu" else saved_to(self, *a, **k)
+    def rows(path, key, a, b, dtype=None):
+        with mode:
+            return torch.empty(b - a, *shapes[key][1:], dtype=dtype)
+
+    load.index_weights, load.read_rows = index, rows
+    torch.nn.Module.to = lambda self, *a, **k: self if a and str(a[0]) == "cpu" else saved[2](self, *a, **k)
     try:
         yield
     finally:
-        load.load_weights, torch.nn.Module.to = saved_load, saved_to
+        load.index_weights, load.read_rows, torch.nn.Module.to = saved
 
 
 def batch(m, cfg):
@@ -149,9 +155,8 @@ def simulate(cfg, ranks, fake=True):
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     folder = base_folder(cfg)
     cfg, cpu = dataclasses.replace(cfg, base=folder), torch.device("cpu")
-    with weightless(), mode:
+    with weightless(mode):  # under the fake group build_model shards before it fills the weights, as under torchrun
         m = train.build_model(cfg, Vocab(folder, load.read_json(folder, "config.json").get("vocab_size", 0)), cpu)
-    m = train.shard(m, cfg, cpu)  # outside the mode: FSDP2 reads the (fake) process group's real answers
     opt, _ = train.make_optimizer(m, [p for p in m.parameters() if p.requires_grad], cfg, 10, cpu)
     b = batch(m, cfg)
     kw = {k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
