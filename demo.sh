@@ -2,7 +2,7 @@
 # The whole MP-GUI recipe on a CPU: a synthetic GUI world and a random-init tiny InternVL2-layout model (tools/world.py),
 # then the five stages in order -- train, merge, next -- with the official stage configs, then evaluation on the
 # held-out screens. Usage: bash demo.sh [OUT] [SCALE]; SCALE multiplies the steps (default 1: 8.5 min on 2026-11's
-# 2-core machine, about 22 min in CI on 2026-12-02).
+# 2-core machine, about 24 min in CI on 2026-12-02).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-demo}
