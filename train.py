@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -289,15 +290,54 @@ def shard(m, cfg, device):
     return m
 
 
-def flops_per_token(m, cfg):
-    """Training FLOPs per token (PaLM's count, attention 12 * layers * hidden * seq included)."""
-    # 6N for trained weights (forward, input and weight gradients), 4N for frozen ones (no weight gradient),
-    # + 2N for activation recompute
-    trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in m.parameters() if not p.requires_grad) - m.cfg.vocab_size * m.cfg.hidden_size
-    recompute = 2 * (trained + frozen) if cfg.activation_checkpointing else 0
-    # attention's seq: max_length / 2, the mean causal span of a max_length sequence (an upper-bound estimate)
-    return 6 * trained + 4 * frozen + recompute + 12 * m.cfg.num_layers * m.cfg.hidden_size * cfg.max_length // 2
+def step_flops(m, cfg, b):
+    """Model FLOPs of micro-batch b: matmuls and attention, as FlopCounterMode counts them (tools/dry_run.py)."""
+    # Per weight and row: 2 forward, 2 for the input gradient where backward passes, 2 for a trained weight's
+    # gradient, 2 to recompute a checkpointed block. Attention per layer: forward 4 * width * rows * keys (causal:
+    # half the keys), backward 2.5 times that (it recomputes the scores, as FlashAttention does). Rows: the decoder's
+    # the tokens (ShowUI's token selection not subtracted), the head's the supervised ones (chunked loss), the vision
+    # tower's its patches, the image tokens for mlp1, the perceivers, the gate and the merger. Idle parts (another
+    # stage's perceivers) and Qwen2.5-VL's windowed attention count nothing. Measured against the counter at the
+    # recipes' sizes (tests/test_dry_run.py): within 0.03%, but for the fusion gate, whose keys and values run over
+    # the prompt and the perceivers' tokens, counted here as image tokens (fusion.json: 0.4-3% under).
+    c, ac, pv, T = m.cfg, cfg.activation_checkpointing, b.get("pixel_values"), b["attention_mask"].sum(1).tolist()
+    conv = (nn.Conv2d, nn.Conv3d)  # the patch embeddings: on pixels, which need no gradient
+
+    def linear(params, rows, back, ckpt=False):  # matrices only: biases and norms are additions, not FLOPs here
+        return rows * sum(p.numel() * (2 + 2 * back * (1 + ckpt) + 2 * p.requires_grad) for p in params if p.dim() > 1)
+
+    def blocks(mod, rows, back, grad_in):  # checkpointed: recompute stops at the last tensor backward saves, so a
+        # block's last projection is not recomputed unless LoRA's path runs after it; grad_in False: the first
+        # block's attention input projections read an input that needs no gradient, so compute none for it
+        bs = [x for x in mod.modules() if isinstance(x, model.Block)]
+        last = [[x for x in blk.modules() if isinstance(x, nn.Linear)][-1] for blk in bs]
+        skip = sum(x.weight.numel() for x in last if not isinstance(x, lora.LoRALinear)) * back * ac
+        attn_in = [x for n, x in bs[0].named_modules() if isinstance(x, nn.Linear) and "att" in n][:-1]
+        skip += sum(x.weight.numel() for x in attn_in) * back * (not grad_in)
+        return linear([p for x in bs for p in x.parameters()], rows, back, ac) - 2 * rows * skip
+
+    head_rows = int((b["labels"][:, 1:] != -100).sum()) if cfg.chunked_loss else sum(T)
+    inner = {id(p) for x in (m.decoder.layers, m.head) for p in x.parameters()}
+    upstream = any(p.requires_grad for p in m.parameters() if id(p) not in inner)  # embeddings, image features
+    f = blocks(m.decoder, sum(T), True, upstream) + linear([m.head.weight], head_rows, True)
+    f += 4 * c.num_heads * c.head_dim * c.num_layers * sum(t * t / 2 for t in T) * (3.5 + ac)
+    if pv is None:
+        return f
+    back = any(p.requires_grad for p in m.vision.parameters())
+    if c.is_internvl:  # every tile one sequence: its patches and the class token
+        seq, full = [(pv.shape[-1] // c.vit_patch) ** 2 + 1] * len(pv), c.vit_num_layers
+    else:  # every image (frame) one sequence of patches
+        seq = [h * w for t, h, w in b["image_grid_thw"].tolist() for _ in range(t)]
+        full = len(c.vit_fullatt_blocks) if c.vit_window else c.vit_num_layers
+    stem = [x.weight for x in m.vision.modules() if isinstance(x, conv)]
+    f += blocks(m.vision, sum(seq), back, any(w.requires_grad for w in stem)) + linear(stem, sum(seq), False)
+    f += 4 * c.vit_hidden_size * full * sum(s * s for s in seq) * (1 + back * (2.5 + ac))
+    idle = [n for n in getattr(m, "PARTS", ()) if c.mpgui_mode not in (n.split("_")[0], "fusion")]
+    done = {id(p) for x in [m.decoder, m.head, m.vision] + [getattr(m, n) for n in idle] for p in x.parameters()}
+    merger = list(m.vision.merger.parameters()) if hasattr(m.vision, "merger") else []  # Qwen's, in the tower
+    side = [p for p in m.parameters() if id(p) not in done] + merger  # mlp1, perceivers, gate: on image tokens
+    img = int((b["input_ids"] == c.image_token_id).sum())
+    return f + sum(linear([p for p in side if p.requires_grad == t], img, back or t) for t in (True, False))
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # bf16 dense
@@ -358,7 +398,9 @@ RESUMABLE = ("out", "max_steps", "save_every", "keep_last", "log_every", "num_wo
 def check_rerun(cfg):
     """A run folder that holds a run already is resumed only under the same config (RESUMABLE aside)."""
     # otherwise the run would go on with its old schedule and state while config.json claimed the new values
+    # a key added since the run began holds what reproduces it: its default; a frozen base was fp32 before base_dtype
     old = load.read_json(cfg.out, "config.json")
+    old = old and {**dataclasses.asdict(TrainConfig()), "base_dtype": "float32", **old}
     new = dataclasses.asdict(cfg)
     diff = [f"{k}: {old[k]!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
             if k not in RESUMABLE and old.get(k) != new.get(k)] if old else []
@@ -534,12 +576,13 @@ def blank_batch(pad):
                 pixel_values=None, image_grid_thw=None)
 
 
-def step_record(step, loss, lr, norm, micro, t0, t_data, world, fpt, peak, skipped):
-    """A step's metrics.jsonl record; t0: when the step began. Tokens (no padding) and skipped: all ranks'."""
+def step_record(step, loss, lr, norm, micro, t0, t_data, world, flops, peak, skipped):
+    """A step's metrics.jsonl record; t0: when the step began. Tokens (no padding) and skipped: all ranks'; flops:
+    this rank's (step_flops), against one GPU's peak."""
     dt = time.time() - t0
     tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["input_ids"] is not None) * world
     return dict(step=step, loss=loss, lr=lr, grad_norm=float(norm), tokens=tokens, data_wait_s=t_data,
-                tok_per_s=tokens / dt, mfu=fpt * tokens / dt / (peak * world) if peak else None,
+                tok_per_s=tokens / dt, mfu=flops / dt / peak if peak else None,
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                 skipped=skipped)
 
@@ -589,7 +632,7 @@ def main(argv):
     opt, sched = make_optimizer(m, params, cfg, total, device)
     step, position = resume_run(cfg, ckpt, m, opt, sched, rank)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.bf16 and not distributed)  # FSDP2 casts itself
-    fpt, peak = flops_per_token(m, cfg), peak_flops(device)
+    peak = peak_flops(device)
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=os.path.basename(cfg.out))
     batches = loader(ds, cfg, world, rank, m.cfg.pad_token_id, position)
@@ -626,7 +669,8 @@ def main(argv):
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        rec = step_record(step, loss_val, sched.get_last_lr()[0], norm, micro, t0, t_data, world, fpt, peak, skipped)
+        flops = sum(step_flops(m, cfg, b) for b in micro if b["input_ids"] is not None)
+        rec = step_record(step, loss_val, sched.get_last_lr()[0], norm, micro, t0, t_data, world, flops, peak, skipped)
         empty, skipped = 0, 0
         if rank == 0:
             report_step(rec, log, bar, cfg.log_every)

@@ -1049,3 +1049,11 @@ def test_rerun_with_another_config_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"another config \(lr: 0.0006 there, 0.0005 now; schedule: 'linear' there, "
                                          r"'cosine' now\); to start a new run, pass another --out"):
         train.check_rerun(dataclasses.replace(cfg, max_steps=30, lr=5e-4, schedule="cosine"))
+    # a run from before a key existed (here dp_replicate, compile, base_dtype): resumed where the key's old behaviour
+    # is asked for (its default; base_dtype: the fp32 frozen base of then), refused otherwise
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("dp_replicate", "compile", "base_dtype")}
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(old, f)
+    train.check_rerun(dataclasses.replace(cfg, base_dtype="float32"))
+    with pytest.raises(SystemExit, match=r"base_dtype: 'float32' there, 'bfloat16' now"):
+        train.check_rerun(dataclasses.replace(cfg, base_dtype="bfloat16"))
