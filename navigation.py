@@ -275,8 +275,6 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     a = SimpleNamespace(**{**vars(a), "system": "none" if a.system is None and not m.cfg.is_internvl else a.system})
     rows = [score(a.bench, s, t) for s, t in benchmarks.answer_all(
         m, tok, a, samples, skipped, answer_batch, length_batches, lambda s: (s["question"], s["images"], None))]
-    if not rows:
-        raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     sc = scores(a.bench, rows)
     summary = dict(bench=a.bench, data=a.data, model=m.folder, arch=m.cfg.arch, history=a.history,
                    num_history=a.num_history, first_prompt=samples[0]["question"].replace("<image>", "<image: screen>"),
