@@ -248,11 +248,15 @@ def plan(a):
         raise ValueError(f"--bench {a.bench}: give --data DIR, the benchmark's folder")
     if a.bench == "mpgui":
         return mpgui_specs(a.data)
-    samples, skipped, layout = (read_points if a.bench == "vlaser_points" else read_screenspot)(a.data, a.limit)
+    return usable(a, *(read_points if a.bench == "vlaser_points" else read_screenspot)(a.data, a.limit))
+
+
+def usable(a, samples, skipped, *rest):
+    """A benchmark as read, its skips printed; one without a usable sample is an error."""
     print("".join(f"skip {s}\n" for s in skipped), end="")
     if not samples:
         raise ValueError(f"{a.data}: no usable {a.bench} sample ({len(skipped)} skipped)")
-    return samples, skipped, layout
+    return samples, skipped, *rest
 
 
 def family(a, cfg, name=None):

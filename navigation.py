@@ -262,11 +262,7 @@ def plan(a):
     """What eval.py checks before the model loads: the benchmark read, the skips printed."""
     if not a.data or a.family:
         raise ValueError(f"--bench {a.bench}: give --data DIR (and no --family: ShowUI's prompt is asked)")
-    samples, skipped = read(a.bench, a.data, a.num_history, a.history, a.limit)
-    print("".join(f"skip {s}\n" for s in skipped), end="")
-    if not samples:
-        raise ValueError(f"{a.data}: no usable {a.bench} sample ({len(skipped)} skipped)")
-    return samples, skipped
+    return benchmarks.usable(a, *read(a.bench, a.data, a.num_history, a.history, a.limit))
 
 
 def run(m, tok, a, bench, answer_batch, length_batches):
