@@ -97,8 +97,7 @@ def read_dataset(spec, limit):
         if item is None or item["conversations"][0]["from"] != "human":
             raise ValueError(f"{path}:{k}: {images if item is None else 'a system turn (eval.py takes --system)'}")
         paths = [os.path.join(spec["root"], p) for p in images]
-        why = next(filter(None, map(benchmarks.image_problem, paths)), None)
-        if why:
+        if why := next(filter(None, map(benchmarks.image_problem, paths)), None):
             skipped.append(f"{path}:{k}: {why}")
         else:
             rows.append(dict(line=k, id=item.get("id"), question=item["conversations"][0]["value"],
@@ -119,8 +118,7 @@ def plan(a, specs=None):
         if kind is None:
             raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
         rows, skipped = read_dataset(spec, a.limit)
-        for s in skipped:
-            print(f"skip {s}")
+        print("".join(f"skip {s}\n" for s in skipped), end="")
         if not rows:
             raise ValueError(f"{a.data}: dataset {spec['name']!r}: no usable sample ({len(skipped)} skipped)")
         paths = [r["images"] for r in rows]
