@@ -248,11 +248,15 @@ def plan(a):
         raise ValueError(f"--bench {a.bench}: give --data DIR, the benchmark's folder")
     if a.bench == "mpgui":
         return mpgui_specs(a.data)
-    samples, skipped, layout = (read_points if a.bench == "vlaser_points" else read_screenspot)(a.data, a.limit)
+    return usable(a, *(read_points if a.bench == "vlaser_points" else read_screenspot)(a.data, a.limit))
+
+
+def usable(a, samples, skipped, *rest):
+    """A benchmark as read, its skips printed; one without a usable sample is an error."""
     print("".join(f"skip {s}\n" for s in skipped), end="")
     if not samples:
         raise ValueError(f"{a.data}: no usable {a.bench} sample ({len(skipped)} skipped)")
-    return samples, skipped, layout
+    return samples, skipped, *rest
 
 
 def family(a, cfg, name=None):
@@ -295,20 +299,30 @@ def write_outputs(out, rows, summary, md=None):
         print(md)
 
 
-def answer_all(m, tok, a, samples, skipped, answer_batch, length_batches, ask):
-    """[(sample, answer)] in file order, asked longest first; ask(sample) -> (question, image paths, max tiles)."""
-    # a sample whose pixels do not decode (its header read) is a skip, printed and appended to skipped in file order
-    asks, answers, failed = [ask(s) for s in samples], {}, {}
-    for batch in tqdm(length_batches(m, tok, a, asks), desc=a.bench):
+def answer_each(m, tok, a, asks, where, answer_batch, length_batches, desc, skip=()):
+    """({i: answer}, {i: why}) for asks [(question, image paths, max tiles)], asked longest first, those in skip not."""
+    # an ask whose pixels do not decode (its header read) is a why, "where(i): error", printed as a skip
+    answers, failed = {}, {}
+    for batch in tqdm(length_batches(m, tok, a, asks), desc=desc):
         prompts = {}  # index -> prompt
-        for i in batch:
+        for i in (i for i in batch if i not in skip):
             try:
                 prompts[i] = (asks[i][0], [formats.load_rgb(p) for p in asks[i][1]], asks[i][2])
             except ValueError as e:  # the header read but the pixels do not decode
-                failed[i] = f"{samples[i]['file']}: record {samples[i]['record']}: {e}"
+                failed[i] = f"{where(i)}: {e}"
                 print(f"skip {failed[i]}")
         answers.update(zip(prompts, answer_batch(m, tok, list(prompts.values()), a)[0] if prompts else []))
+    return answers, failed
+
+
+def answer_all(m, tok, a, samples, skipped, answer_batch, length_batches, ask):
+    """[(sample, answer)] in file order; ask(sample) -> (question, image paths, max tiles). A sample whose pixels do
+    not decode is appended to skipped (in file order); none answered is an error."""
+    where = lambda i: f"{samples[i]['file']}: record {samples[i]['record']}"
+    answers, failed = answer_each(m, tok, a, [ask(s) for s in samples], where, answer_batch, length_batches, a.bench)
     skipped += [failed[i] for i in sorted(failed)]
+    if not answers:
+        raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     return [(samples[i], answers[i]) for i in sorted(answers)]
 
 
@@ -330,8 +344,6 @@ def run(m, tok, a, bench, answer_batch, length_batches):
         lambda s: (prompt.format(s["instruction"]), [s["image"]], tiles))]
     for r in rows if fam == "mpgui" else []:  # the box it answered, for the pictures
         r["pred_box"] = scorers.parse_box(r["answer"])
-    if not rows:
-        raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     scores = score(rows)
     summary = dict(bench=a.bench, layout=layout, data=a.data, model=m.folder, arch=m.cfg.arch, family=fam,
                    prompt=prompt.replace("<image>", "<image: the screenshot>"),

@@ -76,10 +76,8 @@ def listed(folder):
 
 
 def save(run, m, opt, sched, step, position, rank, keep_last):
-    """No pickle: trainable.safetensors (the trained and new tensors), optimizer.safetensors (Adam's moments and step
-    per parameter name, `NAME::KEY`), state.json (step, data position, scheduler, param groups, every rank's RNG),
-    synced before the rename and its parent after; then the checkpoints before the last keep_last go
-    (0: none)."""
+    """RUN/checkpoints/step_N: the three files of the module docstring (Adam's state keyed `NAME::KEY`), synced before
+    the rename and the parent after; then the checkpoints before the last keep_last go (0: none)."""
     # Only the tensors kept are gathered, never the frozen base: a DTensor's full_tensor() is a collective, so every
     # rank gathers the same tensors in the same order; rank 0 keeps them (the others' go to "meta", freed at once).
     from torch.distributed.tensor import DTensor
@@ -149,13 +147,12 @@ def load(path, m, opt, sched, rank):
     """Checkpoint folder path into the model, optimizer and scheduler, and this rank's RNG; (step, data position)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     state = read_state(path)  # every file there and whole, or stop naming it (an old pickle one: refused, not read)
-    weights = load_file(os.path.join(path, TRAINABLE))
     moments = {}
     for key, t in load_file(os.path.join(path, "optimizer.safetensors")).items():
         name, k = key.split("::")
         moments.setdefault(name, {})[k] = t
-    set_state_dict(m, opt, model_state_dict=weights, optim_state_dict=dict(state=moments,
-                                                                          param_groups=state["param_groups"]),
+    set_state_dict(m, opt, model_state_dict=load_file(os.path.join(path, TRAINABLE)),
+                   optim_state_dict=dict(state=moments, param_groups=state["param_groups"]),
                    options=StateDictOptions(full_state_dict=True, strict=False))
     sched.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][rank])

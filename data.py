@@ -68,8 +68,7 @@ def qwen_image(image, min_pixels, max_pixels, patch_size=14, merge_size=2, tempo
     x = x.permute(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, C, p, p)
     # a still image is its own video of t identical frames
     x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)  # (gh/m, gw/m, m, m, C, t, p, p)
-    pixel_values = x.reshape(gh * gw, 3 * t * p * p).contiguous()
-    return pixel_values, torch.tensor([1, gh, gw], dtype=torch.long)
+    return x.reshape(gh * gw, 3 * t * p * p).contiguous(), torch.tensor([1, gh, gw], dtype=torch.long)
 
 
 def qwen_images(images, min_pixels, max_pixels):
@@ -86,8 +85,7 @@ def render_chatml(messages, system=QWEN_SYSTEM, add_generation_prompt=True):
     out = []
     if system is not None and (not messages or messages[0]["role"] != "system"):
         out.append(f"<|im_start|>system\n{system}<|im_end|>\n")
-    for msg in messages:
-        out.append(f"<|im_start|>{msg['role']}\n{msg['content'].replace('<image>', IMAGE)}<|im_end|>\n")
+    out += [f"<|im_start|>{msg['role']}\n{msg['content'].replace('<image>', IMAGE)}<|im_end|>\n" for msg in messages]
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
@@ -97,13 +95,10 @@ def render_chatml(messages, system=QWEN_SYSTEM, add_generation_prompt=True):
 def expand_image_pads(text, image_grid_thw, merge_size=2):
     """One placeholder per image -> one pad per merged patch, which the model fills with image features."""
     parts = text.split(IMAGE_PAD)
-    n = 0 if image_grid_thw is None else len(image_grid_thw)
-    if len(parts) - 1 != n:
-        raise ValueError(f"text has {len(parts) - 1} {IMAGE_PAD} placeholders but {n} images were given")
-    out = [parts[0]]
-    for k in range(n):
-        out.append(IMAGE_PAD * (int(image_grid_thw[k].prod()) // merge_size**2) + parts[k + 1])
-    return "".join(out)
+    pads = [IMAGE_PAD * (int(g.prod()) // merge_size**2) for g in ([] if image_grid_thw is None else image_grid_thw)]
+    if len(parts) - 1 != len(pads):
+        raise ValueError(f"text has {len(parts) - 1} {IMAGE_PAD} placeholders but {len(pads)} images were given")
+    return parts[0] + "".join(pad + part for pad, part in zip(pads, parts[1:]))
 
 
 def check_image_pads(ids, pad_id, image_grid_thw, merge_size=2):
@@ -117,9 +112,8 @@ def check_image_pads(ids, pad_id, image_grid_thw, merge_size=2):
 # the Qwen2-VL chat template, then transformers models/qwen2_vl/processing_qwen2_vl.py: Qwen2VLProcessor
 def encode_qwen(tokenizer, messages, images, min_pixels, max_pixels, system=QWEN_SYSTEM):
     """Prompt token ids (T,) and vision inputs for chat messages, each <image> taking the next image."""
-    text = render_chatml(messages, system=system)
     pixel_values, image_grid_thw = qwen_images(images, min_pixels, max_pixels)
-    text = expand_image_pads(text, image_grid_thw)
+    text = expand_image_pads(render_chatml(messages, system=system), image_grid_thw)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     check_image_pads(ids, tokenizer.token_to_id(IMAGE_PAD), image_grid_thw)
     return dict(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=pixel_values, image_grid_thw=image_grid_thw)

@@ -14,7 +14,6 @@ from collections import Counter
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 import benchmarks
 import data
@@ -98,8 +97,7 @@ def read_dataset(spec, limit):
         if item is None or item["conversations"][0]["from"] != "human":
             raise ValueError(f"{path}:{k}: {images if item is None else 'a system turn (eval.py takes --system)'}")
         paths = [os.path.join(spec["root"], p) for p in images]
-        why = next(filter(None, map(benchmarks.image_problem, paths)), None)
-        if why:
+        if why := next(filter(None, map(benchmarks.image_problem, paths)), None):
             skipped.append(f"{path}:{k}: {why}")
         else:
             rows.append(dict(line=k, id=item.get("id"), question=item["conversations"][0]["value"],
@@ -120,8 +118,7 @@ def plan(a, specs=None):
         if kind is None:
             raise ValueError(f"{a.data}: no scorer for dataset {spec['name']!r}; pass --task {spec['name']}=KIND")
         rows, skipped = read_dataset(spec, a.limit)
-        for s in skipped:
-            print(f"skip {s}")
+        print("".join(f"skip {s}\n" for s in skipped), end="")
         if not rows:
             raise ValueError(f"{a.data}: dataset {spec['name']!r}: no usable sample ({len(skipped)} skipped)")
         paths = [r["images"] for r in rows]
@@ -151,21 +148,13 @@ def evaluate(m, tok, a, plans=None):
     records = []
     for spec, kind, rows, runs, skipped in plans or plan(a):
         max_tiles = spec["max_dynamic_patch"]  # the dataset's own tile budget; None: --max-tiles
-        preds, bad = {k: {} for k in runs}, {}  # bad: row -> why, run by run in file order, as unsorted
-        for k, imgs in runs.items():
-            progress, failed = spec["name"] + k.removeprefix("prediction"), {}  # e.g. "re", "re_shuffled_images"
-            order = length_batches(m, tok, a, [(r["question"], imgs[j], max_tiles) for j, r in enumerate(rows)])
-            for batch in tqdm(order, desc=progress):
-                prompts, idx = [], []
-                for j in [i for i in batch if i not in bad]:
-                    try:  # a file whose header read but whose pixels do not decode is skipped here
-                        prompts.append((rows[j]["question"], [formats.load_rgb(p) for p in imgs[j]], max_tiles))
-                        idx.append(j)
-                    except ValueError as e:  # load_rgb: any decode error, naming the file
-                        failed[j] = f"{spec['annotation']}:{rows[j]['line']}: {e}"
-                        print(f"skip {failed[j]}")
-                if prompts:
-                    preds[k].update(zip(idx, answer_batch(m, tok, prompts, a)[0]))
+        preds, bad = {}, {}  # bad: row -> why, run by run in file order, as unsorted
+        where = lambda j: f"{spec['annotation']}:{rows[j]['line']}"
+        for k, imgs in runs.items():  # a row whose pixels do not decode is skipped here, and not asked in later runs
+            asks = [(r["question"], imgs[j], max_tiles) for j, r in enumerate(rows)]
+            progress = spec["name"] + k.removeprefix("prediction")  # e.g. "re", "re_shuffled_images"
+            preds[k], failed = benchmarks.answer_each(m, tok, a, asks, where, answer_batch, length_batches, progress,
+                                                      skip=bad)
             bad.update(sorted(failed.items()))
         skipped = list(skipped) + list(bad.values())
         keep = [j for j in range(len(rows)) if j not in bad]  # answered in every run

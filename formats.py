@@ -2,6 +2,7 @@
 ShowUI grounding / navigation metadata, LLaMA-Factory sharegpt (TongUI); parsed and checked here, encoded by data.py."""
 import codecs
 import collections
+import itertools
 import json
 import math
 import os
@@ -192,7 +193,7 @@ def check_points(conversations):
 
 def with_point_prefix(conversations, prefix):
     """A sample answering with <point> gets "prefix question" as its first question (after a leading <image>), once."""
-    if not any("<point>" in t["value"] for t in conversations if t["from"] == "gpt"):
+    if not prefix or not any("<point>" in t["value"] for t in conversations if t["from"] == "gpt"):
         return conversations
     conv = [dict(t) for t in conversations]
     k = next(i for i, t in enumerate(conv) if t["from"] == "human")
@@ -249,13 +250,11 @@ class InternVLDataset(torch.utils.data.Dataset):
         item, images = parse_line(item)
         if item is None:
             return None, images
-        why = self.point_prefix and check_points(item["conversations"])
-        if why:
+        if why := self.point_prefix and check_points(item["conversations"]):
             return None, why
         paths = tuple(os.path.join(m["root"], p) for p in images)
-        for p in paths:
-            if not os.path.isfile(p):
-                return None, f"missing image {p}"
+        if missing := [p for p in paths if not os.path.isfile(p)]:
+            return None, f"missing image {missing[0]}"
         w, h = item.get("width"), item.get("height")
         try:  # the line's own size when it has one, else the file header (cheap: PIL reads no pixels here)
             sizes = [(w, h)] if len(paths) == 1 and all(type(v) is int and v > 0 for v in (w, h)) else \
@@ -284,8 +283,7 @@ class InternVLDataset(torch.utils.data.Dataset):
         except ValueError as e:  # load_rgb's "unreadable image PATH: ...", or a tiling failure
             return dict(skip=source + (str(e),))
         tiles = [len(x) for x in pix]
-        conv = item["conversations"]
-        conv = with_point_prefix(conv, self.point_prefix) if self.point_prefix else conv
+        conv = with_point_prefix(item["conversations"], self.point_prefix)  # Vlaser's, where it has a prefix
         try:
             enc = encode_internvl(self.tokenizer, conv, self.template, tiles, self.num_image_token, self.extra_token)
         except ValueError as e:
@@ -553,8 +551,7 @@ class ShowUINavigation(QwenDataset):
         steps = [("step", rec.get("step"))] + [(f"step_history[{k}]", h.get("step", h))
                                                for k, h in enumerate(used, len(hist) - len(used))]
         for where, s in steps:
-            why = nav_step_error(s, split)
-            if why:
+            if why := nav_step_error(s, split):
                 return f"{where}: {why}"
         urls = [rec.get("img_url")] + [h.get("img_url") for h in used] * (self.history == "vtvt")
         missing = [u for u in urls if not isinstance(u, str) or not os.path.isfile(os.path.join(root, f"{u}.png"))]
@@ -566,12 +563,8 @@ class ShowUINavigation(QwenDataset):
         acts = [nav_answer(h["step"] if "step" in h else h) for h in hist]
         parts = [(text, past and self.num_turn > 1) for text, past in nav_turn(head, acts, self.history)]
         parts += [(f"{IM_END}\n<|im_start|>assistant\n", False), (nav_answer(rec["step"]) + IM_END, True)]
-        pieces = []  # neighbouring prompt parts are one piece: ShowUI tokenizes the whole prompt in one go
-        for text, supervised in parts:
-            if pieces and not supervised and not pieces[-1][1]:
-                pieces[-1] = (pieces[-1][0] + text, False)
-            else:
-                pieces.append((text, supervised))
+        # neighbouring prompt parts are one piece: ShowUI tokenizes the whole prompt in one go (no two answers touch)
+        pieces = [("".join(t for t, _ in run), s) for s, run in itertools.groupby(parts, key=lambda p: p[1])]
         urls = [h["img_url"] for h in hist] * (self.history == "vtvt") + [rec["img_url"]]
         return pieces, [load_rgb(os.path.join(root, f"{u}.png")) for u in urls]
 

@@ -47,8 +47,7 @@ def check_folders(run, out, base, overwrite):
             raise SystemExit(f"merge: {folder} exists and was not written by merge.py (no {MARKER}); move it away"
                              + (" or pass --overwrite" if folder == out else ""))
     trained = load.read_json(run, "base.json")
-    now = load.fingerprint(base) if trained else None
-    if trained and trained["fingerprint"] != now:
+    if trained and trained["fingerprint"] != (now := load.fingerprint(base)):
         raise SystemExit(f"merge: the run was trained on {trained['folder']} (fingerprint {trained['fingerprint']}), "
                          f"but its base {base} now holds other weights (fingerprint {now}); "
                          "merging would fold the adapters into the wrong model")
@@ -67,8 +66,7 @@ def rebuild(run_cfg, state, device):
     lora.add_adapters(m, run_cfg["lora_llm_r"], run_cfg["lora_llm_alpha"], run_cfg["lora_vit_r"],
                       run_cfg["lora_vit_alpha"], targets=run_cfg.get("lora_targets") or None)
     own = m.state_dict()
-    unknown = sorted(set(state) - set(own))
-    if unknown:
+    if unknown := sorted(set(state) - set(own)):
         raise ValueError(f"checkpoint tensors the rebuilt model lacks: {unknown[:5]}")
     m.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     return m.eval()
@@ -120,8 +118,7 @@ def write(m, out, base_folder, run, shard_bytes):
         save_file(part, os.path.join(tmp, name), metadata={"format": "pt"})
     index = {"metadata": {"total_size": sum(t.nbytes for p in shards for t in p.values())},
              "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    checkpoints.write_atomic(os.path.join(tmp, "model.safetensors.index.json"), json.dumps(index, indent=2))
     for f in glob.glob(os.path.join(base_folder, "*")):  # config, tokenizer, generation config, remote code
         if os.path.isfile(f) and not f.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
                 and os.path.basename(f) != MARKER:
@@ -134,17 +131,14 @@ def write(m, out, base_folder, run, shard_bytes):
                                train_graphical_perceiver=False, train_spatial_perceiver=False, train_fusion_gate=False)
     else:
         (config_json["text_config"] if "text_config" in config_json else config_json)["vocab_size"] = m.cfg.vocab_size
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config_json, f, indent=2)
+    checkpoints.write_atomic(os.path.join(tmp, "config.json"), json.dumps(config_json, indent=2))
     if os.path.exists(os.path.join(run, "tokenizer.json")):  # the tokenizer as trained, added tokens included
         shutil.copy(os.path.join(run, "tokenizer.json"), tmp)
         added = load.read_json(run, "tokenizer.json")["added_tokens"]
         extra = {t["content"]: t["id"] for t in added if t["content"] == data.EXTRA_CONTEXT}
         path = os.path.join(tmp, "added_tokens.json")  # read by the SentencePiece (InternVL2) loaders
         if extra and os.path.exists(path):
-            tokens = {**load.read_json(tmp, "added_tokens.json"), **extra}
-            with open(path, "w") as f:
-                json.dump(tokens, f, indent=2)
+            checkpoints.write_atomic(path, json.dumps({**load.read_json(tmp, "added_tokens.json"), **extra}, indent=2))
     checkpoints.sync_folder(tmp)  # every file on disk before the swap: a crash after it leaves OUT whole
     return tmp, cast
 
@@ -166,8 +160,7 @@ def main(argv=None):
     ckpt = a.checkpoint or checkpoints.latest(a.run)
     if not ckpt:
         raise FileNotFoundError(f"{a.run}: no checkpoint to merge")
-    fault = checkpoints.fault(ckpt, [checkpoints.TRAINABLE])  # missing, truncated or a pickle: the file, the cause
-    if fault:
+    if fault := checkpoints.fault(ckpt, [checkpoints.TRAINABLE]):  # missing, truncated or a pickle: the file, the cause
         raise SystemExit(f"merge: checkpoint {ckpt} is damaged: {fault}; pass another with --checkpoint")
     state = load_file(os.path.join(ckpt, checkpoints.TRAINABLE))
     m = rebuild(run_cfg, state, a.device)

@@ -262,11 +262,7 @@ def plan(a):
     """What eval.py checks before the model loads: the benchmark read, the skips printed."""
     if not a.data or a.family:
         raise ValueError(f"--bench {a.bench}: give --data DIR (and no --family: ShowUI's prompt is asked)")
-    samples, skipped = read(a.bench, a.data, a.num_history, a.history, a.limit)
-    print("".join(f"skip {s}\n" for s in skipped), end="")
-    if not samples:
-        raise ValueError(f"{a.data}: no usable {a.bench} sample ({len(skipped)} skipped)")
-    return samples, skipped
+    return benchmarks.usable(a, *read(a.bench, a.data, a.num_history, a.history, a.limit))
 
 
 def run(m, tok, a, bench, answer_batch, length_batches):
@@ -275,8 +271,6 @@ def run(m, tok, a, bench, answer_batch, length_batches):
     a = SimpleNamespace(**{**vars(a), "system": "none" if a.system is None and not m.cfg.is_internvl else a.system})
     rows = [score(a.bench, s, t) for s, t in benchmarks.answer_all(
         m, tok, a, samples, skipped, answer_batch, length_batches, lambda s: (s["question"], s["images"], None))]
-    if not rows:
-        raise ValueError(f"{a.data}: every {a.bench} sample was skipped")
     sc = scores(a.bench, rows)
     summary = dict(bench=a.bench, data=a.data, model=m.folder, arch=m.cfg.arch, history=a.history,
                    num_history=a.num_history, first_prompt=samples[0]["question"].replace("<image>", "<image: screen>"),

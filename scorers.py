@@ -70,14 +70,11 @@ def point_in_box(p, box):
 def screenspot_scores(records):
     """records: dicts with split, data_type, hit (a parse failure is a miss). -> {'mobile/text': rate, ... per
     present cell, 'avg': their mean (the reported 'Avg'), 'micro': all hits / all records, 'n'}."""
-    cells = {}
+    cells = {}  # cell -> its records' hits
     for r in records:
-        c = cells.setdefault(f"{r['split']}/{r['data_type']}", [0, 0])
-        c[0], c[1] = c[0] + bool(r.get("hit")), c[1] + 1
-    out = {k: h / n for k, (h, n) in cells.items()}
-    n = sum(c[1] for c in cells.values())
-    out.update(avg=sum(out.values()) / len(out) if out else 0.0, n=n,
-               micro=sum(c[0] for c in cells.values()) / n if n else 0.0)
+        cells.setdefault(f"{r['split']}/{r['data_type']}", []).append(bool(r.get("hit")))
+    out, hits = {k: sum(v) / len(v) for k, v in cells.items()}, [h for v in cells.values() for h in v]
+    out.update(avg=sum(out.values()) / len(out) if out else 0.0, n=len(hits), micro=sum(hits) / max(len(hits), 1))
     return out
 
 
