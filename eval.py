@@ -194,7 +194,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shuffled-images", action="store_true", help="--data: also score every question asked of "
                    "another screen of its dataset, to show how much of a score comes from the image, not the text")
-    p.add_argument("--mpgui-mode", choices=["textual", "graphical", "spatial", "fusion"],
+    p.add_argument("--mpgui-mode", choices=["textual", "graphical", "spatial", "fusion", "mean"],
                    help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
                         "scores a model after its own stage (1-3), before the fusion gate is trained")
     benchmarks.add_args(p)

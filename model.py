@@ -69,7 +69,7 @@ class ModelConfig:
     template: str = ""
     extra_token_id: int = None  # MP-GUI's <EXTRA_IMG_CONTEXT>
     im_start_token_id: int = None  # <|im_start|>: the prompt_only gate mask cuts at the last one
-    mpgui_mode: str = "fusion"  # which source fills EXTRA: textual | graphical | spatial (stages 1-3) | fusion
+    mpgui_mode: str = "fusion"  # which source fills EXTRA: textual | graphical | spatial (stages 1-3) | fusion | mean
     gate_mask: str = "prompt_only"  # fusion-gate keys: official (answer leaks in, as released) | prompt_only
     # ShowUI's UI-guided token selection (Qwen2-VL decoder; token_select.py), off by default
     lm_skip_layer: str = "[1,28,0]"  # "[start,end,0|1],...": 1-indexed inclusive layer ranges, later ones win
@@ -956,7 +956,9 @@ class MPGUI(InternVL):
         vit = self.mlp1(clues)  # (T, n, C)
         x = self.splice(self.decoder.embedding(input_ids), input_ids, vit.flatten(0, 1))
         mode = self.cfg.mpgui_mode
-        if mode != "fusion":
+        if mode == "mean":  # the paper's ablation: the three perceivers averaged in place of the gate
+            extra = sum(getattr(self, f"{k}_perceiver")(clues) for k in ("graphical", "textual", "spatial")) / 3
+        elif mode != "fusion":
             extra = getattr(self, f"{mode}_perceiver")(clues)
         else:  # each tile's gate reads its own sample's prompt, after the context splice
             tiles = (input_ids == self.cfg.image_token_id).sum(1) // self.cfg.num_image_token  # (B,)

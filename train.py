@@ -85,7 +85,7 @@ class TrainConfig:
     train_parts: list = field(default_factory=list)  # module names trained in full (e.g. textual_perceiver)
     # MP-GUI
     mpgui: bool = False  # build MP-GUI (perceivers + gate) on the base, initialising the parts it lacks
-    mpgui_mode: str = "fusion"  # what fills EXTRA tokens: textual | graphical | spatial | fusion
+    mpgui_mode: str = "fusion"  # what fills EXTRA tokens: textual | graphical | spatial | fusion | mean (ablation)
     gate_mask: str = "prompt_only"  # fusion-gate keys: prompt_only | official (answers leak in, as released)
     init_parts: list = field(default_factory=list)  # MP-GUI parts re-initialised at this stage's start
     # InternVL data (internvl, vlaser)
@@ -116,7 +116,7 @@ class TrainConfig:
 
 
 CHOICES = dict(data_format=("internvl", "vlaser", "showui_grounding", "showui_navigation", "llamafactory"),
-               schedule=("linear", "cosine"), mpgui_mode=("textual", "graphical", "spatial", "fusion"),
+               schedule=("linear", "cosine"), mpgui_mode=("textual", "graphical", "spatial", "fusion", "mean"),
                gate_mask=("prompt_only", "official"), interleaved_history=("tttt", "vtvt"),
                base_dtype=("auto", "bfloat16", "float32"))
 RATIOS = ("warmup_ratio", "lora_dropout", "drop_path", "lm_skip_ratio")  # in [0, 1]
@@ -332,7 +332,8 @@ def step_flops(m, cfg, b):
     stem = [x.weight for x in m.vision.modules() if isinstance(x, conv)]
     f += blocks(m.vision, sum(seq), back, any(w.requires_grad for w in stem)) + linear(stem, sum(seq), False)
     f += 4 * c.vit_hidden_size * full * sum(s * s for s in seq) * (1 + back * (2.5 + ac))
-    idle = [n for n in getattr(m, "PARTS", ()) if c.mpgui_mode not in (n.split("_")[0], "fusion")]
+    used = lambda n: c.mpgui_mode in (n.split("_")[0], "fusion") or c.mpgui_mode == "mean" and n.endswith("perceiver")
+    idle = [n for n in getattr(m, "PARTS", ()) if not used(n)]
     done = {id(p) for x in [m.decoder, m.head, m.vision] + [getattr(m, n) for n in idle] for p in x.parameters()}
     merger = list(m.vision.merger.parameters()) if hasattr(m.vision, "merger") else []  # Qwen's, in the tower
     side = [p for p in m.parameters() if id(p) not in done] + merger  # mlp1, perceivers, gate: on image tokens

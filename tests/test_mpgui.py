@@ -210,6 +210,28 @@ def test_single_perceiver_mode_fills_extra_with_that_perceiver(m, mode):
     close(x[text], m.decoder.embedding(ids)[text])
 
 
+def test_mean_mode_fills_extra_with_the_perceivers_average_and_ignores_the_gate(m):
+    """The paper's ablation (demo.sh --ablations): EXTRA = the three perceivers' mean; the gate's weights unused."""
+    m.cfg.mpgui_mode = "mean"
+    ids, mask, labels, _ = collate([chat(1), chat(3)])
+    px = pixels(4)
+    x = m.embed(ids, mask, labels, px)
+    clues = m.visual_clues(px)
+    want = torch.stack([getattr(m, f"{p}_perceiver")(clues) for p in PERCEIVERS]).mean(0)
+    close(x[ids == EXTRA], want.flatten(0, 1))
+    close(x[ids == CTX], m.mlp1(clues).flatten(0, 1))
+    gate = list(m.fusion_gate.parameters())
+    perceivers = [p for n in PERCEIVERS for p in getattr(m, f"{n}_perceiver").parameters()]
+    flags = [p.requires_grad for p in gate + perceivers]
+    with torch.enable_grad():
+        for p in gate + perceivers:
+            p.requires_grad_(True)
+        grads = torch.autograd.grad(m.embed(ids, mask, labels, px).sum(), gate + perceivers, allow_unused=True)
+    for p, f in zip(gate + perceivers, flags):
+        p.requires_grad_(f)
+    assert all(g is None for g in grads[:len(gate)]) and all(g is not None for g in grads[len(gate):])
+
+
 def test_the_three_perceivers_are_separate_weights(m):
     params = {n: dict(getattr(m, f"{n}_perceiver").named_parameters()) for n in PERCEIVERS}
     ptrs = [p.data_ptr() for ps in params.values() for p in ps.values()]

@@ -187,7 +187,7 @@ def test_the_rules_catch_a_bad_tree(tmp_path):
 CLIS = ["train.py", "eval.py", "merge.py", "tools/world.py", "tools/dry_run.py", "tools/aitw.py", "tools/srp.py",
         "tools/synth.py", "tools/tiny_tokenizer.py", "tests/parity.py", "bench/decode.py", "bench/qwen_step.py",
         "bench/train_step.py", "bench/ui_select.py", "bench/eval_speed.py", "bench/memory_table.py",
-        "bench/gpu_parity.py", "bench/baseline_memory.py"]
+        "bench/gpu_parity.py", "bench/baseline_memory.py", "tools/plot.py", "tools/demo_report.py"]
 
 
 def test_every_cli_answers_help_and_writes_nothing(tmp_path):
