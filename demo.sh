@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The whole MP-GUI recipe on a CPU: a synthetic GUI world and a random-init tiny InternVL2-layout model (tools/world.py),
-# then the five stages in order -- train, merge, next -- with the official stage configs, then evaluation on the
-# held-out screens. Usage: bash demo.sh [OUT] [SCALE]; SCALE multiplies the steps (default 1: 8.5 min on 2026-11's
-# 2-core machine, about 24 min in CI on 2026-12-02).
+# The whole MP-GUI recipe on a CPU: a synthetic GUI world (tools/world.py) and a tiny InternVL2-layout base
+# pre-trained on other screens of it (tools/tiny_base, made by tools/pretrain_tiny.sh), then the five stages in order
+# -- train, merge, next -- with the official stage configs, then the final table on held-out screens: each benchmark
+# task's score, its shuffled-image control and the majority answer; then OUT/pictures.
+# Usage: bash demo.sh [--ablations] [OUT] [SCALE]. SCALE multiplies the steps (default 1). --ablations also runs the
+# paper's ablations in miniature on the same world and budget, over two seeds (README, "The CPU demo").
 set -euo pipefail
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then sed -n '2,7s/^# \?//p' "$0"; exit 0; fi
 cd "$(dirname "$0")"
+ABLATIONS=0
+if [ "${1:-}" = --ablations ]; then ABLATIONS=1; shift; fi
 OUT=${1:-demo}
 SCALE=${2:-1}
 # OUT is cleared for a fresh run only when demo.sh wrote it (its marker file is there) or it is an empty folder:
@@ -20,40 +25,94 @@ if [ -e "$OUT" ] || [ -L "$OUT" ]; then
 fi
 mkdir -p "$OUT"
 touch "$MARK"
+SECONDS=0
 python tools/world.py "$OUT" 600 100
+rm -rf "$OUT/base" && cp -r tools/tiny_base "$OUT/base"  # the pre-trained base in place of the random one
 # What the tiny model changes in the official configs (configs/*.json): one 112-px tile, fp32 on the CPU, no
 # regularisers, learning rates for a 3.6M-parameter model (Adam beta2 0.95 keeps them stable), LoRA r32 on the LLM,
-# and a step budget per stage. Most of the budget goes to the graphical stage: choosing the icon that the question's
-# colour names takes some 1,000 steps (README, "The CPU demo").
+# and a step budget per stage (docs/demo.md: how it was chosen).
 CPU=(--mpgui=True --max_tiles=1 --max_length=400 --global_batch=32 --micro_batch=32 --bf16=False --num_workers=0
      --activation_checkpointing=False --drop_path=0 --lora_dropout=0 --lora_llm_r=32 --lora_llm_alpha=64 --log_every=10
      --betas=[0.9,0.95])
-declare -A STEPS=([textual]=100 [graphical]=1200 [spatial]=100 [fusion]=100 [benchmark]=100)
-declare -A LR=([textual]=2e-3 [graphical]=3e-3 [spatial]=2e-3 [fusion]=2e-3 [benchmark]=2e-3)
-base="$OUT/base"
-for stage in textual graphical spatial fusion benchmark; do
-  steps=$(( ${STEPS[$stage]} * SCALE ))
+declare -A STEPS=([textual]=150 [graphical]=300 [spatial]=150 [fusion]=200 [benchmark]=200)
+declare -A LR=([textual]=5e-4 [graphical]=1e-3 [spatial]=5e-4 [fusion]=5e-4 [benchmark]=5e-4)
+PERCEIVERS='["textual_perceiver","graphical_perceiver","spatial_perceiver"]'
+
+# stage DIR NAME CONFIG DATA BASE STEPS LR [train.py overrides]: trains DIR/runs/NAME with configs/CONFIG.json from
+# BASE on the world's meta_DATA.json, prints the loss, merges into DIR/merged/NAME
+stage() {
+  local dir=$1 name=$2 config=$3 meta=$4 base=$5 steps=$(( $6 * SCALE )) lr=$7
+  shift 7
   steps=$(( steps > 0 ? steps : 1 ))
-  python train.py "configs/$stage.json" --base="$base" --meta="$OUT/data/meta_$stage.json" --out="$OUT/runs/$stage" \
-    --max_steps="$steps" --lr="${LR[$stage]}" "${CPU[@]}" \
-    > "$OUT/train_$stage.log" 2>&1 || { tail -20 "$OUT/train_$stage.log"; exit 1; }
-  python - "$OUT/runs/$stage/metrics.jsonl" "$stage" <<'EOF'
+  python train.py "configs/$config.json" --base="$base" --meta="$OUT/data/meta_$meta.json" --out="$dir/runs/$name" \
+    --max_steps="$steps" --lr="$lr" "${CPU[@]}" "$@" > "$dir/train_$name.log" 2>&1 \
+    || { tail -20 "$dir/train_$name.log"; exit 1; }
+  python - "$dir/runs/$name/metrics.jsonl" "$name" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 k = max(1, len(rows) // 10)  # mean of the first and the last tenth of the logged steps
 avg = lambda r: sum(x["loss"] for x in r) / len(r)
 print(f"{sys.argv[2]:10s} {rows[-1]['step']:4d} steps   loss {avg(rows[:k]):.3f} -> {avg(rows[-k:]):.3f}")
 EOF
-  python merge.py "$OUT/runs/$stage" "$OUT/merged/$stage" > "$OUT/merge_$stage.log" 2>&1 || { tail -20 "$OUT/merge_$stage.log"; exit 1; }
-  base="$OUT/merged/$stage"
-  # the stage's own tasks on held-out screens, the EXTRA tokens from the part it trained (a stage is named after it)
-  if [ "$stage" != benchmark ]; then
-    python eval.py --model "$base" --data "$OUT/data/meta_eval_$stage.json" --out "$OUT/eval_$stage" --max-tiles 1 \
-      --limit 100 --batch-size 50 --mpgui-mode "$stage" --shuffled-images > "$OUT/eval_$stage.log" 2>&1 || { tail -20 "$OUT/eval_$stage.log"; exit 1; }
-    grep majority "$OUT/eval_$stage.log" | sed 's/^/    /'
-  fi
+  python merge.py "$dir/runs/$name" "$dir/merged/$name" > "$dir/merge_$name.log" 2>&1 \
+    || { tail -20 "$dir/merge_$name.log"; exit 1; }
+}
+
+# score DIR MODEL META EVAL [eval.py options]: held-out screens, with the shuffled-image control
+score() {
+  local dir=$1 model=$2 meta=$3 name=$4
+  shift 4
+  python eval.py --model "$model" --data "$meta" --out "$dir/$name" --max-tiles 1 --limit 200 --batch-size 50 \
+    --shuffled-images "$@" > "$dir/$name.log" 2>&1 || { tail -20 "$dir/$name.log"; exit 1; }
+}
+
+# recipe DIR SEED: the five stages; after each of stages 1-4 its own tasks (stages 1-3 with the EXTRA tokens from
+# the perceiver they trained: the gate is trained only in stage 4)
+recipe() {
+  local dir=$1 seed=$2 base="$OUT/base"
+  mkdir -p "$dir"
+  for s in textual graphical spatial fusion benchmark; do
+    stage "$dir" $s $s $s "$base" "${STEPS[$s]}" "${LR[$s]}" --seed="$seed"
+    base="$dir/merged/$s"
+    if [ $s != benchmark ]; then
+      score "$dir" "$base" "$OUT/data/meta_eval_$s.json" "eval_$s" --limit 100 --mpgui-mode $s
+      grep majority "$dir/eval_$s.log" | sed 's/^/    /'
+    fi
+  done
+}
+
+recipe "$OUT" 0
+echo "final model ($OUT/merged/benchmark), the benchmark tasks on held-out screens:"
+score "$OUT" "$OUT/merged/benchmark" "$OUT/data/meta_eval.json" eval
+python tools/demo_report.py table "$OUT/eval"
+python tools/demo_report.py pictures "$OUT" > /dev/null
+echo "demo: $SECONDS s; pictures in $OUT/pictures"
+[ $ABLATIONS = 1 ] || exit 0
+
+# The ablations (docs/mpgui.md in the README's terms): each variant from the same merged spatial stage of its seed,
+# the same steps per stage; one_mix trains everything at once for the five stages' steps together
+for seed in 0 1; do
+  A="$OUT/ablations"
+  full="$A/full/seed$seed"
+  if [ $seed = 0 ]; then mkdir -p "$A/full" && ln -s ../.. "$full"; else echo "seed $seed:"; recipe "$full" $seed; fi
+  [ $seed = 0 ] || score "$full" "$full/merged/benchmark" "$OUT/data/meta_eval.json" eval
+  spatial="$full/merged/spatial"
+  d="$A/no_fusion/seed$seed" && mkdir -p "$d"  # stage 4 skipped: the gate learns in stage 5 only
+  stage "$d" benchmark benchmark benchmark "$spatial" "${STEPS[benchmark]}" "${LR[benchmark]}" --seed=$seed \
+    --train_parts='["fusion_gate"]'
+  score "$d" "$d/merged/benchmark" "$OUT/data/meta_eval.json" eval
+  d="$A/mean_gate/seed$seed" && mkdir -p "$d"  # the perceivers' mean fills EXTRA in stages 4-5 and at inference
+  stage "$d" fusion fusion fusion "$spatial" "${STEPS[fusion]}" "${LR[fusion]}" --seed=$seed --mpgui_mode=mean \
+    --train_parts="$PERCEIVERS"
+  stage "$d" benchmark benchmark benchmark "$d/merged/fusion" "${STEPS[benchmark]}" "${LR[benchmark]}" --seed=$seed \
+    --mpgui_mode=mean
+  score "$d" "$d/merged/benchmark" "$OUT/data/meta_eval.json" eval --mpgui-mode mean
+  d="$A/one_mix/seed$seed" && mkdir -p "$d"  # no stages: every task of every stage at once, from the base
+  total=$(( STEPS[textual] + STEPS[graphical] + STEPS[spatial] + STEPS[fusion] + STEPS[benchmark] ))
+  stage "$d" mix fusion mix "$OUT/base" $total "${LR[fusion]}" --seed=$seed \
+    --train_parts='["textual_perceiver","graphical_perceiver","spatial_perceiver","fusion_gate"]'
+  score "$d" "$d/merged/mix" "$OUT/data/meta_eval.json" eval
 done
-echo "final model ($base), every task on held-out screens:"
-python eval.py --model "$base" --data "$OUT/data/meta_eval.json" --out "$OUT/eval" --max-tiles 1 --limit 200 --shuffled-images \
-  --batch-size 50 > "$OUT/eval.log" 2>&1 || { tail -20 "$OUT/eval.log"; exit 1; }
-grep majority "$OUT/eval.log" | sed 's/^/    /'
+echo "ablations (the benchmark tasks' scores: mean over seeds 0 and 1, min-max, change from the full recipe):"
+python tools/demo_report.py ablations "$OUT/ablations"
+echo "demo --ablations: $SECONDS s"

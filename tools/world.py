@@ -165,16 +165,20 @@ def samples(img_path, els, rng):
     for e in icons:  # asked by colour alone, for a colour one icon of the screen has (cf. AITW's unique-type filter)
         if sum(x["color"] == e["color"] for x in icons) == 1:
             out["icon_grounding"].append(conv(f"Give the bounding box of the {e['color']} icon.", box_text(e["box"])))
-    pairs = [(a, b) for a in els for b in els if a is not b]
-    rng.shuffle(pairs)
-    by_type = {}
-    for a, b in pairs:  # balanced over the five types as far as the screen allows
-        by_type.setdefault(relation(a, b), []).append((a, b))
-    for rel, ab in by_type.items():
-        for a, b in ab[:2]:
-            out["relation"].append(conv(f"What is the relationship between the elements at {box_text(a['box'])} "
-                                        f"and {box_text(b['box'])}?", rel))
-    yes, no = [e for e in els if e["clickable"]], [e for e in els if not e["clickable"]]
+    # relation: two leaves that one card could hold (rows 1-3, adjacent or equal rows, the same half of the columns),
+    # siblings when a card holds them (its button and icon) and unrelated when they are loose. Only these pairs need
+    # the screen: a pair with the toolbar or a card, or leaves no card could hold together, has its answer in the
+    # boxes' numbers (the toolbar and the cards have boxes of their own).
+    cell = lambda e: (e["box"][1] * GRID // 1000, e["box"][0] * GRID // 1000)
+    for a in leaves:
+        for b in leaves:
+            (ra, ca), (rb, cb) = cell(a), cell(b)
+            if a is not b and min(ra, rb) >= 1 and abs(ra - rb) <= 1 and ca // 2 == cb // 2:
+                out["relation"].append(conv(f"What is the relationship between the elements at {box_text(a['box'])} "
+                                            f"and {box_text(b['box'])}?", relation(a, b)))
+    # tappable: the leaves below the toolbar (the toolbar's row holds only icons, so its answer is in the box's numbers)
+    below = [e for e in leaves if cell(e)[0] >= 1]
+    yes, no = [e for e in below if e["clickable"]], [e for e in below if not e["clickable"]]  # texts are not
     k = min(len(yes), len(no))  # balanced: as many clickable as not, so neither answer is a free win
     for e in rng.sample(yes, k) + rng.sample(no, k):
         out["tappable"].append(conv(f"Whether the element within the selected area {box_text(e['box'])} is "
@@ -189,25 +193,57 @@ def samples(img_path, els, rng):
     return {k: [dict(image=img_path, conversations=c) for c in v] for k, v in out.items()}
 
 
+def captions(img_path, els):
+    """The tiny base's pre-training (tools/pretrain_tiny.sh): grounded descriptions of a whole screen, standing in
+    for the grounded captions and OCR of InternVL2's pre-training. No question of a stage or of the benchmark is
+    among them: each answer lists every element, in reading order (name then box, or box then name) or by type."""
+    order = sorted(els, key=lambda e: (e["box"][1], e["box"][0]))
+    by_type = [f"{t}: " + " ".join(box_text(e["box"]) for e in order if e["type"] == t)
+               for t in ("toolbar", "card", "button", "icon", "text") if any(e["type"] == t for e in els)]
+    return [dict(image=img_path, conversations=conv(q, "\n".join(a))) for q, a in (
+        ("Describe the screen.", [f"{name(e)} {box_text(e['box'])}" for e in order]),
+        ("List the boxes on the screen.", [f"{box_text(e['box'])} {name(e)}" for e in order]),
+        ("Group the screen's elements by type.", by_type))]
+
+
+def regions(img_path, els):
+    """The pre-training's second part: region captions (REG: an element's box -> its name) and referring expressions
+    (REC: a name unique on the screen -> its box), as in InternVL2's grounding pre-training; both ask of every
+    element, the toolbar and the cards too, in words no stage or benchmark question uses."""
+    out = [conv(f"Name the element at {box_text(e['box'])}.", name(e)) for e in els]
+    out += [conv(f"Find the {name(e)}.", box_text(e["box"])) for e in els if sum(name(x) == name(e) for x in els) == 1]
+    return [dict(image=img_path, conversations=c) for c in out]
+
+
 STAGES = {  # which tasks each MP-GUI stage trains on
     "textual": ["text2bbox", "bbox2text"],
     "graphical": ["icon_grounding"],
     "spatial": ["relation"],
     "fusion": ["text2bbox", "bbox2text", "icon_grounding", "relation", "color_qa"],
-    "benchmark": ["color_qa", "tappable", "refexp"],
+    "benchmark": ["bbox2text", "icon_grounding", "relation", "tappable", "color_qa"],
 }
+BENCHMARK = STAGES["benchmark"]  # the final table's tasks: reading text, finding icons, layout, clickability, QA
+MIX = sorted({t for ts in STAGES.values() for t in ts})  # demo.sh --ablations' one end-to-end mix, instead of stages
 
 
 def first_seed(split, seed=0):
     """make_screen's seed for screen 0 of a split built with `seed` (screen i: this + i)."""
-    return seed * 100003 + (10 ** 6 if split == "eval" else 0)
+    return seed * 100003 + {"train": 0, "eval": 10 ** 6, "pretrain": 2 * 10 ** 6}[split]
 
 
-def build(out, n_train=600, n_eval=100, seed=0):
+def build(out, n_train=600, n_eval=100, seed=0, n_pretrain=0):
     """Writes out/images, one jsonl per (split, task), one meta json per stage (train), the eval meta, and ShowUI
-    grounding metadata (out/showui/metadata.json). Returns {stage: meta path, "eval": meta path}."""
+    grounding metadata (out/showui/metadata.json); with n_pretrain, also the base's pre-training data of that many
+    other screens: captions (meta_pretrain.json), captions + regions (meta_pretrain_region.json). Returns {stage:
+    meta path, "eval": meta path}."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = {}
+    for i in range(n_pretrain):
+        img, els = make_screen(first_seed("pretrain", seed) + i)
+        img.save(os.path.join(out, f"images/pretrain_{i}.png"))
+        for task, make in (("caption", captions), ("region", regions)):
+            rows.setdefault(("pretrain", task), []).extend(
+                dict(it, width=img.width, height=img.height) for it in make(f"images/pretrain_{i}.png", els))
     for split, n in (("train", n_train), ("eval", n_eval)):
         base = first_seed(split, seed)
         rng = random.Random(base)
@@ -226,14 +262,20 @@ def build(out, n_train=600, n_eval=100, seed=0):
         os.makedirs(os.path.join(out, "showui"), exist_ok=True)
         with open(os.path.join(out, "showui", f"{split}.json"), "w") as f:
             json.dump(showui, f)
+        rel = rows[(split, "relation")]  # as many siblings as unrelated pairs, so neither answer is a free win
+        sib = [r for r in rel if r["conversations"][1]["value"] == "sibling"]
+        other = [r for r in rel if r["conversations"][1]["value"] != "sibling"]
+        k = min(len(sib), len(other))
+        both = rng.sample(sib, k) + rng.sample(other, k)
+        rows[(split, "relation")] = rng.sample(both, 2 * k)  # mixed, so that the first lines (eval --limit) are too
     for (split, task), items in rows.items():
         with open(os.path.join(out, f"{split}_{task}.jsonl"), "w") as f:
             f.writelines(json.dumps(dict(it, id=k)) + "\n" for k, it in enumerate(items))
     metas = {}  # meta_{stage}.json trains a stage; meta_eval_{stage}.json scores it on held-out screens
-    every = sorted({t for ts in STAGES.values() for t in ts})
     for stage, tasks in list(STAGES.items()) + [(f"eval_{s}", t) for s, t in STAGES.items()] + \
-            [("eval", every)]:
-        split = "eval" if stage.startswith("eval") else "train"
+            [("eval", BENCHMARK), ("mix", MIX)] + \
+            ([("pretrain", ["caption"]), ("pretrain_region", ["caption", "region"])] if n_pretrain else []):
+        split = "eval" if stage.startswith("eval") else "pretrain" if stage.startswith("pretrain") else "train"
         meta = {t: dict(root=out, annotation=os.path.join(out, f"{split}_{t}.jsonl"), data_augment=False,
                         repeat_time=1, length=str(len(rows[(split, t)]))) for t in tasks}
         metas[stage] = os.path.join(out, f"meta_{stage}.json")
@@ -340,6 +382,8 @@ if __name__ == "__main__":
     p.add_argument("out", nargs="?", default="demo")
     p.add_argument("n_train", nargs="?", type=int, default=600, help="training screens")
     p.add_argument("n_eval", nargs="?", type=int, default=100, help="held-out screens")
+    p.add_argument("--pretrain", type=int, default=0, metavar="N", help="also write the tiny base's pre-training "
+                   "captions of N other screens (data/meta_pretrain.json; tools/pretrain_tiny.sh)")
     p.add_argument("--screenspot", metavar="DIR", help="only write a ScreenSpot set of the held-out screens to DIR, "
                    "in ShowUI's layout (eval.py --bench screenspot --data DIR)")
     a = p.parse_args()
@@ -347,7 +391,7 @@ if __name__ == "__main__":
     if a.screenspot:
         n = len(screenspot(a.screenspot, n_eval))
         raise SystemExit(print(f"wrote {a.screenspot}: ScreenSpot layout, {n} records on {n_eval} held-out screens"))
-    build(os.path.join(out, "data"), n_train, n_eval)
+    build(os.path.join(out, "data"), n_train, n_eval, n_pretrain=a.pretrain)
     write_tiny_model(os.path.join(out, "base"), corpus(os.path.join(out, "data")), vit=(96, 2, 3, 192),
                      llm=(192, 4, 4, 2, 512))
     print(f"wrote {out}/data (world: {n_train} train / {n_eval} eval screens) and {out}/base (tiny InternVL2)")
