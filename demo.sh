@@ -89,7 +89,7 @@ python tools/demo_report.py pictures "$OUT" > /dev/null
 echo "demo: $SECONDS s; pictures in $OUT/pictures"
 [ $ABLATIONS = 1 ] || exit 0
 
-# The ablations (docs/mpgui.md in the README's terms): each variant from the same merged spatial stage of its seed,
+# The paper's ablations (MP-GUI, arXiv 2503.14021): each variant from the same merged spatial stage of its seed,
 # the same steps per stage; one_mix trains everything at once for the five stages' steps together
 for seed in 0 1; do
   A="$OUT/ablations"
