@@ -196,7 +196,8 @@ def main(argv=None):
                    "another screen of its dataset, to show how much of a score comes from the image, not the text")
     p.add_argument("--mpgui-mode", choices=["textual", "graphical", "spatial", "fusion", "mean"],
                    help="MP-GUI: what fills the EXTRA tokens (default fusion, the released inference); a perceiver "
-                        "scores a model after its own stage (1-3), before the fusion gate is trained")
+                        "scores a model after its own stage (1-3), before the fusion gate is trained; mean: the three "
+                        "perceivers' average, the paper's ablation")
     benchmarks.add_args(p)
     navigation.add_args(p)
     a = p.parse_args(argv)

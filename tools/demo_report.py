@@ -63,7 +63,8 @@ def pictures(out, n=4):
         gold, pred = scorers.parse_box(r["answer"]), scorers.parse_box(r["prediction"])
         rows.append(dict(image=os.path.join(data, items[r["id"]]["image"]), split="held-out", box=gold, pred_box=pred,
                          instruction=r["question"].removeprefix("<image>\n"), answer=r["prediction"],
-                         point=pred and scorers._as_point(pred), hit=bool(pred) and scorers.iou(pred, gold) >= 0.5))
+                         point=benchmarks.box_centre(r["prediction"]),
+                         hit=bool(pred) and scorers.iou(pred, gold) >= 0.5))
     screens = list(dict.fromkeys(r["image"] for r in rows))[:n]
     shown = [r for r in rows if r["image"] in screens]
     benchmarks.visualize(shown, os.path.join(folder, "boxes"), len(shown))  # one file per question, misses' grid

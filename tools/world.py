@@ -383,7 +383,8 @@ if __name__ == "__main__":
     p.add_argument("n_train", nargs="?", type=int, default=600, help="training screens")
     p.add_argument("n_eval", nargs="?", type=int, default=100, help="held-out screens")
     p.add_argument("--pretrain", type=int, default=0, metavar="N", help="also write the tiny base's pre-training "
-                   "captions of N other screens (data/meta_pretrain.json; tools/pretrain_tiny.sh)")
+                   "data of N other screens: captions (data/meta_pretrain.json), captions + region captions "
+                   "(data/meta_pretrain_region.json); tools/pretrain_tiny.sh")
     p.add_argument("--screenspot", metavar="DIR", help="only write a ScreenSpot set of the held-out screens to DIR, "
                    "in ShowUI's layout (eval.py --bench screenspot --data DIR)")
     a = p.parse_args()
