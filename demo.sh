@@ -3,15 +3,17 @@
 # pre-trained on other screens of it (tools/tiny_base, made by tools/pretrain_tiny.sh), then the five stages in order
 # -- train, merge, next -- with the official stage configs, then the final table on held-out screens: each benchmark
 # task's score, its shuffled-image control and the majority answer; then OUT/pictures.
-# Usage: bash demo.sh [--ablations] [OUT] [SCALE]. SCALE multiplies the steps (default 1). --ablations also runs the
-# paper's ablations in miniature on the same world and budget, over two seeds (README, "The CPU demo").
+# Usage: bash demo.sh [--ablations] [OUT] [SCALE]. SCALE multiplies the steps (default 1; 0.4 is the shortened run
+# of tests/test_demo.py). --ablations also runs the paper's ablations in miniature on the same world and budget,
+# over two seeds (README, "The CPU demo").
 set -euo pipefail
-if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then sed -n '2,7s/^# \?//p' "$0"; exit 0; fi
+if [ "${1:-}" = --help ] || [ "${1:-}" = -h ]; then sed -n '2,8s/^# \?//p' "$0"; exit 0; fi
 cd "$(dirname "$0")"
 ABLATIONS=0
 if [ "${1:-}" = --ablations ]; then ABLATIONS=1; shift; fi
 OUT=${1:-demo}
 SCALE=${2:-1}
+[[ $SCALE =~ ^[0-9]*\.?[0-9]+$ ]] || { echo "demo.sh: SCALE must be a positive number, got '$SCALE'" >&2; exit 1; }
 # OUT is cleared for a fresh run only when demo.sh wrote it (its marker file is there) or it is an empty folder:
 # anything else there may be someone's work, so stop before writing or deleting anything
 MARK="$OUT/.written-by-demo.sh"
@@ -41,9 +43,9 @@ PERCEIVERS='["textual_perceiver","graphical_perceiver","spatial_perceiver"]'
 # stage DIR NAME CONFIG DATA BASE STEPS LR [train.py overrides]: trains DIR/runs/NAME with configs/CONFIG.json from
 # BASE on the world's meta_DATA.json, prints the loss, merges into DIR/merged/NAME
 stage() {
-  local dir=$1 name=$2 config=$3 meta=$4 base=$5 steps=$(( $6 * SCALE )) lr=$7
+  local dir=$1 name=$2 config=$3 meta=$4 base=$5 lr=$7 steps
+  steps=$(awk -v n="$6" -v k="$SCALE" 'BEGIN { n = int(n * k + 0.5); print (n > 0 ? n : 1) }')
   shift 7
-  steps=$(( steps > 0 ? steps : 1 ))
   python train.py "configs/$config.json" --base="$base" --meta="$OUT/data/meta_$meta.json" --out="$dir/runs/$name" \
     --max_steps="$steps" --lr="$lr" "${CPU[@]}" "$@" > "$dir/train_$name.log" 2>&1 \
     || { tail -20 "$dir/train_$name.log"; exit 1; }

@@ -215,6 +215,33 @@ def regions(img_path, els):
     return [dict(image=img_path, conversations=c) for c in out]
 
 
+def attributes(img_path, els, rng):
+    """The pre-training's third part: region captions that put each attribute of an element first in turn -- its
+    type ("button red save"), its content, a word or a glyph ("save red button") -- as region captions "Name the
+    element at" put its colour first, so that every attribute is a first answer word the base can give; each in one of
+    three phrasings, the box at another place in each, none of them a stage's or the benchmark's question."""
+    out = []
+    for e in els:
+        content = e["text"] or e["glyph"]
+        orders = {"type": [e["type"], e["color"], content]}
+        if content:
+            orders["content"] = [content, e["color"], e["type"]]
+        for first, words in orders.items():
+            q = rng.choice([f"Caption the element at {{box}}, {first} first.", f"{{box}}: its {first} first.",
+                            f"Begin with the {first}: what is at {{box}}?"]).format(box=box_text(e["box"]))
+            out.append(conv(q, " ".join(w for w in words if w)))
+    return [dict(image=img_path, conversations=c) for c in out]
+
+
+def counts(img_path, els):
+    """The third part's counting questions ("How many buttons are on the screen?" -> "2"), standing in for the
+    counting of InternVL2's pre-training; without them the output rows of the digits stay alike (only boxes use
+    digits, and a box's number is mostly one token), and no answer of one digit can be learned from the screen."""
+    return [dict(image=img_path, conversations=conv(f"How many {t}s are on the screen?",
+                                                     str(sum(e["type"] == t for e in els))))
+            for t in ("toolbar", "card", "button", "icon", "text")]
+
+
 STAGES = {  # which tasks each MP-GUI stage trains on
     "textual": ["text2bbox", "bbox2text"],
     "graphical": ["icon_grounding"],
@@ -234,16 +261,20 @@ def first_seed(split, seed=0):
 def build(out, n_train=600, n_eval=100, seed=0, n_pretrain=0):
     """Writes out/images, one jsonl per (split, task), one meta json per stage (train), the eval meta, and ShowUI
     grounding metadata (out/showui/metadata.json); with n_pretrain, also the base's pre-training data of that many
-    other screens: captions (meta_pretrain.json), captions + regions (meta_pretrain_region.json). Returns {stage:
+    other screens: captions (meta_pretrain.json), captions + regions (meta_pretrain_region.json), these + attribute
+    captions + counting (meta_pretrain_attribute.json). Returns {stage:
     meta path, "eval": meta path}."""
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     rows = {}
     for i in range(n_pretrain):
         img, els = make_screen(first_seed("pretrain", seed) + i)
         img.save(os.path.join(out, f"images/pretrain_{i}.png"))
-        for task, make in (("caption", captions), ("region", regions)):
-            rows.setdefault(("pretrain", task), []).extend(
-                dict(it, width=img.width, height=img.height) for it in make(f"images/pretrain_{i}.png", els))
+        rng = random.Random(first_seed("pretrain", seed) + i)
+        for task, items in (("caption", captions(f"images/pretrain_{i}.png", els)),
+                            ("region", regions(f"images/pretrain_{i}.png", els)),
+                            ("attribute", attributes(f"images/pretrain_{i}.png", els, rng)),
+                            ("count", counts(f"images/pretrain_{i}.png", els))):
+            rows.setdefault(("pretrain", task), []).extend(dict(it, width=img.width, height=img.height) for it in items)
     for split, n in (("train", n_train), ("eval", n_eval)):
         base = first_seed(split, seed)
         rng = random.Random(base)
@@ -274,7 +305,8 @@ def build(out, n_train=600, n_eval=100, seed=0, n_pretrain=0):
     metas = {}  # meta_{stage}.json trains a stage; meta_eval_{stage}.json scores it on held-out screens
     for stage, tasks in list(STAGES.items()) + [(f"eval_{s}", t) for s, t in STAGES.items()] + \
             [("eval", BENCHMARK), ("mix", MIX)] + \
-            ([("pretrain", ["caption"]), ("pretrain_region", ["caption", "region"])] if n_pretrain else []):
+            ([("pretrain", ["caption"]), ("pretrain_region", ["caption", "region"]),
+              ("pretrain_attribute", ["caption", "region", "attribute", "count"])] if n_pretrain else []):
         split = "eval" if stage.startswith("eval") else "pretrain" if stage.startswith("pretrain") else "train"
         meta = {t: dict(root=out, annotation=os.path.join(out, f"{split}_{t}.jsonl"), data_augment=False,
                         repeat_time=1, length=str(len(rows[(split, t)]))) for t in tasks}
@@ -384,7 +416,8 @@ if __name__ == "__main__":
     p.add_argument("n_eval", nargs="?", type=int, default=100, help="held-out screens")
     p.add_argument("--pretrain", type=int, default=0, metavar="N", help="also write the tiny base's pre-training "
                    "data of N other screens: captions (data/meta_pretrain.json), captions + region captions "
-                   "(data/meta_pretrain_region.json); tools/pretrain_tiny.sh")
+                   "(data/meta_pretrain_region.json), these + attribute captions + counting "
+                   "(data/meta_pretrain_attribute.json); tools/pretrain_tiny.sh")
     p.add_argument("--screenspot", metavar="DIR", help="only write a ScreenSpot set of the held-out screens to DIR, "
                    "in ShowUI's layout (eval.py --bench screenspot --data DIR)")
     a = p.parse_args()
