@@ -33,11 +33,11 @@ rm -rf "$OUT/base" && cp -r tools/tiny_base "$OUT/base"  # the pre-trained base 
 # What the tiny model changes in the official configs (configs/*.json): one 112-px tile, fp32 on the CPU, no
 # regularisers, learning rates for a 3.6M-parameter model (Adam beta2 0.95 keeps them stable), LoRA r32 on the LLM,
 # and a step budget per stage (docs/demo.md: how it was chosen).
-CPU=(--mpgui=True --max_tiles=1 --max_length=400 --global_batch=32 --micro_batch=32 --bf16=False --num_workers=0
+CPU=(--mpgui=True --max_tiles=1 --max_length=400 --global_batch=16 --micro_batch=16 --bf16=False --num_workers=0
      --activation_checkpointing=False --drop_path=0 --lora_dropout=0 --lora_llm_r=32 --lora_llm_alpha=64 --log_every=10
      --betas=[0.9,0.95])
-declare -A STEPS=([textual]=150 [graphical]=300 [spatial]=150 [fusion]=200 [benchmark]=200)
-declare -A LR=([textual]=5e-4 [graphical]=1e-3 [spatial]=5e-4 [fusion]=5e-4 [benchmark]=5e-4)
+declare -A STEPS=([textual]=150 [graphical]=300 [spatial]=300 [fusion]=200 [benchmark]=200)
+declare -A LR=([textual]=5e-4 [graphical]=1e-3 [spatial]=1e-3 [fusion]=5e-4 [benchmark]=5e-4)
 PERCEIVERS='["textual_perceiver","graphical_perceiver","spatial_perceiver"]'
 
 # stage DIR NAME CONFIG DATA BASE STEPS LR [train.py overrides]: trains DIR/runs/NAME with configs/CONFIG.json from

@@ -20,9 +20,8 @@ import benchmarks  # noqa: E402
 import scorers  # noqa: E402
 from tools import plot, world  # noqa: E402
 
-# the figure each task is judged by: exact-match accuracy, the share of boxes at IoU >= 0.5, tappability accuracy
-# (balanced labels, so the majority answer scores 0.5; the F1 of always saying "clickable" would be 0.67)
-METRIC = dict(bbox2text="accuracy", icon_grounding="acc@0.5", relation="accuracy", tappable="acc", color_qa="accuracy")
+# the figure each task is judged by: exact-match accuracy, or the share of boxes at IoU >= 0.5
+METRIC = dict(bbox2text="accuracy", icon_grounding="acc@0.5", relation="accuracy", color_qa="accuracy")
 # the MP-GUI paper's relative drops (arXiv 2503.14021, its ablation table): no fusion stage, perceivers' mean, one mix
 PAPER = {"no_fusion": "WC -6.3%, RE -8.1%, CQA -4.5%", "mean_gate": "WC -5.3%, RE -7.1%, CQA -2.1%",
          "one_mix": "every metric; largest WS -2.6%, QAS -2.4%"}

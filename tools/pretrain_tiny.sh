@@ -3,7 +3,7 @@
 # world's random-init model, trained in full through train.py on 4,000 screens that are neither training nor
 # held-out screens of the demo (world.py --pretrain), in three parts: 2,000 steps of whole-screen grounded captions;
 # 1,000 of those captions mixed with region captions and referring expressions; 600 of all these mixed with region
-# captions that put each attribute first and with counting questions; each part merged. It stands in for
+# captions that put each attribute first in turn; each part merged. It stands in for
 # InternVL2-8B's own pre-training: no question of an MP-GUI stage or of the benchmark is in it (tiny_base/README.md).
 # Usage: bash tools/pretrain_tiny.sh [WORK] (default /tmp/tiny_pretrain, cleared only when this script wrote it).
 set -euo pipefail
