@@ -3,7 +3,7 @@
 # pre-trained on other screens of it (tools/tiny_base, made by tools/pretrain_tiny.sh), then the five stages in order
 # -- train, merge, next -- with the official stage configs, then the final table on held-out screens: each benchmark
 # task's score, its shuffled-image control and the majority answer; then OUT/pictures.
-# Usage: bash demo.sh [--ablations] [OUT] [SCALE]. SCALE multiplies the steps (default 1; 0.4 is the shortened run
+# Usage: bash demo.sh [--ablations] [OUT] [SCALE]. SCALE multiplies the steps (default 1; 0.7 is the shortened run
 # of tests/test_demo.py). --ablations also runs the paper's ablations in miniature on the same world and budget,
 # over two seeds (README, "The CPU demo").
 set -euo pipefail
@@ -36,7 +36,7 @@ rm -rf "$OUT/base" && cp -r tools/tiny_base "$OUT/base"  # the pre-trained base 
 CPU=(--mpgui=True --max_tiles=1 --max_length=400 --global_batch=16 --micro_batch=16 --bf16=False --num_workers=0
      --activation_checkpointing=False --drop_path=0 --lora_dropout=0 --lora_llm_r=32 --lora_llm_alpha=64 --log_every=10
      --betas=[0.9,0.95])
-declare -A STEPS=([textual]=150 [graphical]=300 [spatial]=300 [fusion]=200 [benchmark]=200)
+declare -A STEPS=([textual]=100 [graphical]=200 [spatial]=300 [fusion]=150 [benchmark]=150)
 declare -A LR=([textual]=5e-4 [graphical]=1e-3 [spatial]=1e-3 [fusion]=5e-4 [benchmark]=5e-4)
 PERCEIVERS='["textual_perceiver","graphical_perceiver","spatial_perceiver"]'
 
