@@ -37,7 +37,7 @@ def test_the_shipped_base_reads_held_out_screens(tmp_path):
     captions of its pre-training, asked of the demo's held-out screens), and not from the box's numbers: asked of the
     next screen instead (the shuffled-image control) it is mostly wrong."""
     out = str(tmp_path)
-    world.build(os.path.join(out, "data"), n_train=1, n_eval=20)
+    world.build(os.path.join(out, "data"), n_train=10, n_eval=20)
     n = 0
     with open(tmp_path / "region.jsonl", "w") as f:
         for i in range(20):
